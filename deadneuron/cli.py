@@ -1,0 +1,286 @@
+"""The `deadneuron` command line: parses, calls the API, renders. Heavy imports live inside the commands.
+
+Exit codes: 0 done; 1 `--fail-over` exceeded; 2 bad input, refused file or usage error; 3 a bug in deadneuron.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from .errors import DeadNeuronError
+
+app = typer.Typer(
+    name="deadneuron",
+    help="Find dead, dormant and gradient-dead units in PyTorch and Keras models; measure what SineReLU changes.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+# Shared options. Typer reads these annotations; keeping them here keeps the commands consistent.
+ModelArg = Annotated[Path, typer.Argument(help="Saved model: .pt2, a state dict (.pt/.pth/.bin/.safetensors) with --arch, .keras or .h5.", show_default=False)]
+DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Inputs: .npz with key x (optional y: labels) or .npy.")]
+SamplesOpt = Annotated[Optional[int], typer.Option("--samples", help="Scan at most N samples (without --data: N random inputs).")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")]
+ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Architecture for a state dict: FILE.py:NAME or pkg.module:NAME (a class or a factory).")]
+ShapeOpt = Annotated[Optional[str], typer.Option("--input-shape", help="One sample's shape for random inputs, e.g. 3,32,32.")]
+LossOpt = Annotated[str, typer.Option("--loss", help="Gradient source: auto (task loss with labels, else probe), ce, mse, probe, none.")]
+AtolOpt = Annotated[float, typer.Option("--atol", help="|output| <= atol counts as zero.")]
+GtolOpt = Annotated[float, typer.Option("--gtol", help="|gradient| <= gtol counts as zero.")]
+UnitAxisOpt = Annotated[Optional[int], typer.Option("--unit-axis", help="Axis that indexes units (default: channels for conv maps, features otherwise).")]
+JsonOpt = Annotated[Optional[str], typer.Option("--json", help="Write the JSON report to PATH, or '-' for stdout alone.")]
+HtmlOpt = Annotated[Optional[Path], typer.Option("--html", help="Write the report as an HTML page.")]
+FailOpt = Annotated[Optional[float], typer.Option("--fail-over", help="Exit 1 when the dead fraction exceeds this fraction (0-1).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for random inputs and the gradient probe.")]
+PickleOpt = Annotated[bool, typer.Option("--unsafe-pickle", help="Load a fully pickled torch module. Unpickling runs code from the file: only for files you trust.")]
+UnsafeKerasOpt = Annotated[bool, typer.Option("--unsafe-deserialization", help="Turn Keras safe_mode off (Lambda layers). Runs code stored in the file: only for files you trust.")]
+
+
+def _parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    parts = [p for p in text.replace("x", ",").replace(" ", ",").split(",") if p]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise DeadNeuronError(f"--input-shape {text!r} is not a shape; expected positive integers such as 3,32,32")
+    return shape
+
+
+def _check_fail_over(value: float | None) -> None:
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise DeadNeuronError(f"--fail-over takes a fraction between 0 and 1, received {value}")
+
+
+@contextmanager
+def _progress(total: int | None, description: str) -> Any:
+    """A progress bar on stderr when it is a terminal; a no-op callback otherwise."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=Console(stderr=True), transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _stdout_console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _write_outputs(result: Any, json_path: str | None, html_path: Path | None) -> None:
+    if json_path == "-":
+        sys.stdout.write(result.to_json() + "\n")
+    else:
+        _stdout_console().print(result)
+        if json_path:
+            Path(json_path).write_text(result.to_json() + "\n")
+    if html_path is not None:
+        from .html import to_html
+
+        html_path.write_text(to_html(result))
+
+
+def _load(model: Path, arch: str | None, unsafe_pickle: bool, unsafe_deserialization: bool) -> Any:
+    from . import api
+
+    return api.load_model(model, arch=arch, unsafe_pickle=unsafe_pickle, unsafe_deserialization=unsafe_deserialization)
+
+
+def _dataset(data: Path | None, samples: int | None) -> Any:
+    if data is None:
+        if samples is None:
+            raise DeadNeuronError("no data: pass --data PATH (.npz or .npy), or --samples N for N random inputs")
+        if samples <= 0:
+            raise DeadNeuronError(f"--samples must be positive, received {samples}")
+        return None
+    from .data import limit, load_data_file
+
+    return limit(load_data_file(data), samples)
+
+
+@app.command()
+def scan(
+    model: ModelArg,
+    data: DataOpt = None,
+    samples: SamplesOpt = None,
+    batch_size: BatchOpt = 64,
+    arch: ArchOpt = None,
+    input_shape: ShapeOpt = None,
+    loss: LossOpt = "auto",
+    atol: AtolOpt = 0.0,
+    gtol: GtolOpt = 0.0,
+    unit_axis: UnitAxisOpt = None,
+    json: JsonOpt = None,
+    html: HtmlOpt = None,
+    fail_over: FailOpt = None,
+    seed: SeedOpt = 0,
+    unsafe_pickle: PickleOpt = False,
+    unsafe_deserialization: UnsafeKerasOpt = False,
+) -> None:
+    """Scan a saved model: dead, dormant and gradient-dead units per activation site."""
+    from . import api
+
+    _check_fail_over(fail_over)
+    shape = _parse_shape(input_shape)
+    dataset = _dataset(data, samples)
+    loaded = _load(model, arch, unsafe_pickle, unsafe_deserialization)
+    total = len(dataset) if dataset is not None else samples
+    with _progress(total, "scanning") as progress:
+        report = api.scan(
+            loaded, dataset, batch_size=batch_size, loss=loss, atol=atol, gtol=gtol, unit_axis=unit_axis,
+            samples=samples, input_shape=shape, seed=seed, progress=progress, name=model.name,
+        )
+    _write_outputs(report, json, html)
+    if fail_over is not None and report.dead_fraction > fail_over:
+        print(
+            f"deadneuron: dead fraction {report.dead_fraction:.4f} exceeds --fail-over {fail_over}", file=sys.stderr
+        )
+        raise typer.Exit(1)
+
+
+@app.command()
+def inspect(
+    model: ModelArg,
+    arch: ArchOpt = None,
+    input_shape: ShapeOpt = None,
+    unsafe_pickle: PickleOpt = False,
+    unsafe_deserialization: UnsafeKerasOpt = False,
+) -> None:
+    """List the activation sites of a saved model: name, kind, units, unit axis. No data needed."""
+    from rich.table import Table
+
+    from . import api
+
+    loaded = _load(model, arch, unsafe_pickle, unsafe_deserialization)
+    sites = api.inspect(loaded, input_shape=_parse_shape(input_shape))
+    table = Table(title=f"{model.name}: {len(sites)} activation sites", title_justify="left")
+    for column in ("site", "kind", "units", "unit axis"):
+        table.add_column(column)
+    for site in sites:
+        table.add_row(site.name, site.kind, str(site.units), str(site.unit_axis))
+    _stdout_console().print(table)
+
+
+@app.command()
+def compare(
+    model: ModelArg,
+    to: Annotated[str, typer.Option("--to", help="Activation to swap in for ReLU.")] = "sinerelu",
+    epsilon: Annotated[Optional[float], typer.Option("--epsilon", help="SineReLU epsilon for every site.")] = None,
+    epsilon_conv: Annotated[Optional[float], typer.Option("--epsilon-conv", help="Epsilon after convolutions (default 0.0025).")] = None,
+    epsilon_dense: Annotated[Optional[float], typer.Option("--epsilon-dense", help="Epsilon after dense layers (default 0.025).")] = None,
+    finetune_steps: Annotated[int, typer.Option("--finetune-steps", help="Train copies of both models K steps and count revived units (needs labels).")] = 0,
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate for --finetune-steps.")] = 1e-3,
+    data: DataOpt = None,
+    samples: SamplesOpt = None,
+    batch_size: BatchOpt = 64,
+    arch: ArchOpt = None,
+    input_shape: ShapeOpt = None,
+    loss: LossOpt = "auto",
+    atol: AtolOpt = 0.0,
+    gtol: GtolOpt = 0.0,
+    json: JsonOpt = None,
+    html: HtmlOpt = None,
+    seed: SeedOpt = 0,
+    unsafe_pickle: PickleOpt = False,
+    unsafe_deserialization: UnsafeKerasOpt = False,
+) -> None:
+    """Scan a model before and after swapping ReLU for SineReLU, side by side."""
+    from . import api
+
+    shape = _parse_shape(input_shape)
+    dataset = _dataset(data, samples)
+    loaded = _load(model, arch, unsafe_pickle, unsafe_deserialization)
+    comparison = api.compare(
+        loaded, dataset, to=to, epsilon=epsilon, epsilon_conv=epsilon_conv, epsilon_dense=epsilon_dense,
+        finetune_steps=finetune_steps, lr=lr, batch_size=batch_size, loss=loss, atol=atol, gtol=gtol,
+        samples=samples, input_shape=shape, seed=seed, name=model.name,
+    )
+    _write_outputs(comparison, json, html)
+
+
+@app.command()
+def swap(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the swapped model (same format).")],
+    to: Annotated[str, typer.Option("--to", help="Activation to swap in for ReLU.")] = "sinerelu",
+    epsilon: Annotated[Optional[float], typer.Option("--epsilon", help="SineReLU epsilon for every site.")] = None,
+    arch: ArchOpt = None,
+    unsafe_pickle: PickleOpt = False,
+    unsafe_deserialization: UnsafeKerasOpt = False,
+) -> None:
+    """Write a copy of MODEL with every ReLU replaced by SineReLU, in the input's format."""
+    from . import api
+
+    if output.resolve() == model.resolve():
+        raise DeadNeuronError(f"-o {output} is the input file; choose another path (the input is never modified)")
+    message = api.swap_file(
+        model, output, to=to, epsilon=epsilon, arch=arch, unsafe_pickle=unsafe_pickle,
+        unsafe_deserialization=unsafe_deserialization,
+    )
+    print(message)
+
+
+@app.command()
+def demo(
+    framework: Annotated[str, typer.Option("--framework", help="Which bundled sample: torch or keras.")] = "torch",
+) -> None:
+    """Scan the bundled sample model on its held-out digits, then compare it with its SineReLU swap."""
+    from .demo import run_demo
+
+    code = run_demo(framework, console=_stdout_console())
+    if code:
+        raise typer.Exit(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors become one line on stderr and exit code 2 (`--debug` shows the traceback)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("DEADNEURON_DEBUG") == "1"
+    args = [a for a in args if a != "--debug"]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        # Standalone mode: typer handles usage errors (exit 2) and --help itself and always ends in SystemExit.
+        app(args=args, prog_name="deadneuron")
+    except SystemExit as done:
+        code = done.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except DeadNeuronError as error:
+        if debug:
+            traceback.print_exc()
+        print(f"deadneuron: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("deadneuron: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # a bug: still one line for the user, the traceback on request
+        if debug:
+            traceback.print_exc()
+        print(
+            f"deadneuron: internal error: {type(error).__name__}: {error}; this is a bug in deadneuron: rerun with "
+            "--debug and report the traceback",
+            file=sys.stderr,
+        )
+        return 3
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

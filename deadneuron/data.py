@@ -1,0 +1,183 @@
+"""Data files and batching, framework-free.
+
+`.npz` (key `x`, optional `y`) and `.npy` are memory-mapped, so a file larger than memory streams batch by batch.
+Framework tensors and loaders pass through `batches()` untouched; the adapters convert what they receive.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import DeadNeuronError
+
+
+@dataclass
+class Dataset:
+    """Inputs and optional labels held as arrays (possibly memory-mapped)."""
+
+    x: np.ndarray
+    y: np.ndarray | None = None
+    source: str = "array"
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+def _check_numeric(array: np.ndarray, what: str, path: str) -> None:
+    if array.dtype.kind not in "biuf":
+        raise DeadNeuronError(
+            f"{path}: {what} holds {array.dtype} values; expected numbers (float or int); convert it with "
+            "numpy.asarray(values, dtype='float32')"
+        )
+
+
+def _open_npz_member(path: str, name: str) -> np.ndarray:
+    """Memory-map an uncompressed member of an .npz; fall back to reading it when the archive is compressed."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(name + ".npy")
+        if info.compress_type == zipfile.ZIP_STORED:
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
+                shape, fortran, dtype = read_header(member)
+                header_end = member.tell()
+            if not dtype.hasobject:
+                offset = info.header_offset + _local_header_size(path, info) + header_end
+                return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
+                                 order="F" if fortran else "C")
+    with np.load(path, allow_pickle=False) as archive:
+        return archive[name]
+
+
+def _local_header_size(path: str, info: zipfile.ZipInfo) -> int:
+    with open(path, "rb") as handle:
+        handle.seek(info.header_offset)
+        header = handle.read(30)
+    name_length = int.from_bytes(header[26:28], "little")
+    extra_length = int.from_bytes(header[28:30], "little")
+    return 30 + name_length + extra_length
+
+
+def load_data_file(path: str | os.PathLike[str]) -> Dataset:
+    """Open a `.npz` (x, optional y) or `.npy` (x) data file without reading it into memory."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DeadNeuronError(f"data file not found: {path}; expected a .npz with key 'x' (optional 'y') or a .npy")
+    suffix = os.path.splitext(path)[1].lower()
+    try:
+        if suffix == ".npy":
+            x = np.load(path, mmap_mode="r", allow_pickle=False)
+            y = None
+        elif suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                keys = list(archive.files)
+            if "x" not in keys:
+                raise DeadNeuronError(
+                    f"{path} has no array named 'x' (it has: {', '.join(keys) or 'none'}); save the inputs as "
+                    "numpy.savez(path, x=inputs, y=labels)"
+                )
+            x = _open_npz_member(path, "x")
+            y = _open_npz_member(path, "y") if "y" in keys else None
+        else:
+            raise DeadNeuronError(
+                f"unknown data format {suffix or '(no extension)'!r} for {path}; expected .npz (x, optional y) or .npy"
+            )
+    except DeadNeuronError:
+        raise
+    except ValueError as error:
+        if "allow_pickle" in str(error) or "pickle" in str(error).lower():
+            raise DeadNeuronError(
+                f"{path} holds Python objects, which are refused (loading them could run code); save plain numeric "
+                "arrays"
+            ) from error
+        raise DeadNeuronError(f"cannot read data file {path}: {error}") from error
+    except (OSError, zipfile.BadZipFile, EOFError, KeyError) as error:
+        raise DeadNeuronError(f"cannot read data file {path} (corrupt or truncated?): {error}") from error
+    return validate(Dataset(x=x, y=y, source=path))
+
+
+def validate(data: Dataset) -> Dataset:
+    source = data.source
+    _check_numeric(data.x, "x", source)
+    if data.x.ndim == 0 or data.x.shape[0] == 0:
+        raise DeadNeuronError(f"{source}: the inputs are empty (shape {tuple(data.x.shape)}); expected at least one sample")
+    if data.y is not None:
+        _check_numeric(data.y, "y", source)
+        if data.y.ndim == 0 or data.y.shape[0] != data.x.shape[0]:
+            raise DeadNeuronError(
+                f"{source}: {data.y.shape[0] if data.y.ndim else 0} labels for {data.x.shape[0]} inputs; expected one "
+                "label per input"
+            )
+    return data
+
+
+def limit(data: Dataset, samples: int | None) -> Dataset:
+    if samples is None or samples >= len(data):
+        return data
+    if samples <= 0:
+        raise DeadNeuronError(f"--samples must be positive, received {samples}")
+    y = None if data.y is None else data.y[:samples]
+    return Dataset(x=data.x[:samples], y=y, source=data.source)
+
+
+def shard(data: Dataset, rank: int, world: int) -> Dataset:
+    """The contiguous slice of the samples that rank `rank` of `world` scans."""
+    n = len(data)
+    start, stop = n * rank // world, n * (rank + 1) // world
+    y = None if data.y is None else data.y[start:stop]
+    return Dataset(x=data.x[start:stop], y=y, source=data.source)
+
+
+def array_batches(data: Dataset, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """Batches as contiguous host arrays; a memory-mapped file is read one batch at a time."""
+    if batch_size <= 0:
+        raise DeadNeuronError(f"batch size must be positive, received {batch_size}")
+    for start in range(0, len(data), batch_size):
+        x = np.ascontiguousarray(data.x[start : start + batch_size])
+        y = None if data.y is None else np.ascontiguousarray(data.y[start : start + batch_size])
+        yield x, y
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """(x, y) from one item of a user's iterable: a tensor, an (x, y[, ...]) pair, or a dict with x/y keys."""
+    if isinstance(batch, dict):
+        x = batch.get("x", batch.get("input", batch.get("inputs")))
+        if x is None:
+            raise DeadNeuronError(f"a batch dict needs an 'x' key; received keys {', '.join(map(str, batch))}")
+        return x, batch.get("y", batch.get("label", batch.get("labels")))
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise DeadNeuronError("a batch is empty; expected a tensor or an (x, y) pair")
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    return batch, None
+
+
+def as_dataset(data: Any, labels: Any = None) -> Dataset | None:
+    """A Dataset when `data` is a path, an array or an (array, array) pair; None for anything else."""
+    if isinstance(data, (str, os.PathLike)):
+        dataset = load_data_file(data)
+        if labels is not None:
+            dataset = validate(Dataset(dataset.x, np.asarray(labels), dataset.source))
+        return dataset
+    if isinstance(data, np.ndarray):
+        return validate(Dataset(data, None if labels is None else np.asarray(labels)))
+    if (
+        isinstance(data, tuple)
+        and len(data) == 2
+        and isinstance(data[0], np.ndarray)
+        and (data[1] is None or isinstance(data[1], np.ndarray))
+    ):
+        return validate(Dataset(data[0], data[1] if labels is None else np.asarray(labels)))
+    return None
+
+
+def is_iterable_of_batches(data: Any) -> bool:
+    return isinstance(data, Iterable) and not isinstance(data, (str, bytes, np.ndarray, tuple, dict))
