@@ -52,8 +52,8 @@ def summary_lines(report: Report) -> list[str]:
     if report.layers and report.units:
         mean_inactive = sum(layer.inactive_rate * layer.units for layer in report.layers) / report.units
         lines.append(
-            f"On a typical sample {_pct(mean_inactive)} of unit outputs are zero: that is normal sparsity "
-            "(about half at ReLU initialisation), not deadness; a dead unit is zero on every sample."
+            f"On a typical sample {_pct(mean_inactive)} of outputs are zero: normal sparsity (about half at ReLU "
+            "init), not deadness."
         )
     if report.samples and report.samples < 100:
         lines.append(
