@@ -90,3 +90,40 @@ def render_text(renderable: Any, width: int = 120) -> str:
     console = Console(file=buffer, width=width, color_system=None, force_terminal=False, highlight=False)
     console.print(renderable)
     return buffer.getvalue().rstrip("\n")
+
+
+def _before_after(before: int | None, after: int | None, units: int) -> str:
+    return f"{_count(before, units)} -> {_count(after, units)}"
+
+
+def comparison_renderables(comparison: Any) -> Iterator[Any]:
+    from rich.table import Table
+    from rich.text import Text
+
+    before = comparison.before
+    eps = ", ".join(f"{k} {v:g}" for k, v in comparison.epsilon.items())
+    table = Table(
+        title=f"deadneuron: {before.model} ({before.framework}), ReLU -> {comparison.to} ({eps})",
+        title_justify="left",
+    )
+    for i, column in enumerate(["site", "units", "dead", "dormant", "grad-dead", "dead-unit grad / live"]):
+        table.add_column(column, justify="left" if i == 0 else "right", no_wrap=i == 0)
+    for site in comparison.sites:
+        b, a = site.before, site.after
+        ratio = "-" if site.gradient_ratio is None else f"{site.gradient_ratio:.2g}"
+        table.add_row(
+            b.name, str(b.units), _before_after(b.dead, a.dead, b.units), _before_after(b.dormant, a.dormant, b.units),
+            _before_after(b.grad_dead, a.grad_dead, b.units), ratio,
+        )
+    total = before.units
+    table.add_row(
+        "total", str(total), _before_after(before.dead, comparison.after.dead, total),
+        _before_after(before.dormant, comparison.after.dormant, total),
+        _before_after(before.grad_dead, comparison.after.grad_dead, total),
+        "-" if comparison.gradient_ratio is None else f"{comparison.gradient_ratio:.2g}", style="bold",
+    )
+    yield table
+    for line in comparison.verdict():
+        yield Text(line)
+    for warning in comparison.before.warnings + comparison.after.warnings:
+        yield Text(f"warning: {warning}", style="bold yellow")

@@ -131,3 +131,31 @@ def test_lookup_of_unknown_site_lists_the_sites():
     report = Report.build(framework="torch", model="m", loss="none", sites=[(SiteInfo("a", "relu", 1, 1), stats)])
     with pytest.raises(KeyError, match="sites: a"):
         report.layer("b")
+
+
+def test_comparison_pairs_sites_and_measures_revived_gradient():
+    from deadneuron.compare import COMPARISON_SCHEMA, Comparison
+
+    pre = np.array([[[-1.0], [2.0], [1.0]], [[-2.0], [1.0], [3.0]]])
+    before = stats_from_activations(pre, np.array([[[0.0], [1.0], [2.0]]] * 2))
+    after = SiteStats.empty(3)
+    after.samples = after.grad_samples = 2
+    after.fired[:] = 2
+    after.positive[:] = [0, 2, 2]
+    after.grad_nonzero[:] = 2
+    after.grad_abs_sum[:] = [0.02, 2.0, 4.0]  # the dead unit gets 1/100 of unit 1's gradient, 1/150 of the median
+    site = SiteInfo("act", "relu", 3, 1)
+    comparison = Comparison.build(
+        to="sinerelu", epsilon={"dense": 0.025},
+        before=Report.build(framework="torch", model="m", loss="probe", sites=[(site, before)]),
+        after=Report.build(framework="torch", model="m", loss="probe", sites=[(site, after)]),
+        agreement=1.0, output_drift=0.01,
+    )
+    assert comparison.gradient_ratio == pytest.approx(0.01 / 1.5)
+    data = json.loads(comparison.to_json())
+    assert data["schema"] == COMPARISON_SCHEMA
+    assert data["before"]["totals"]["dead"] == 1 and data["after"]["totals"]["dead"] == 0
+    assert data["after"]["totals"]["dormant"] == 1
+    assert data["sites"][0]["dead"] == [1, 0]
+    text = str(comparison)
+    assert "1 of 3 units are dead under ReLU" in text and "Predictions agree on 100.0%" in text
