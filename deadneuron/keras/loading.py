@@ -1,0 +1,156 @@
+"""Load `.keras` and `.h5` models safely: uncompiled, in safe mode, with both SineReLUs known.
+
+Keras' own errors for a refused or broken file are long and name internals (a TypeError about
+`Sequential.from_config`, an h5py OSError); here each becomes one `DeadNeuronError` that says what happened,
+what was expected and how to fix it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+from typing import Any
+
+import keras
+
+from ..errors import DeadNeuronError
+from .sinerelu import custom_objects
+
+SUFFIXES = (".keras", ".h5", ".hdf5")
+UNSAFE_FLAG = "--unsafe-deserialization (Python: unsafe_deserialization=True)"
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    arch: str | None = None,
+    unsafe_pickle: bool = False,
+    unsafe_deserialization: bool = False,
+) -> Any:
+    """Load a Keras model file uncompiled and, unless `unsafe_deserialization`, without running its code.
+
+    `unsafe_pickle` is accepted for the adapter contract and has no effect: Keras files hold no pickles (their
+    risk, Lambda layers, is what `unsafe_deserialization` opts into). `arch` is for PyTorch state dicts.
+    """
+    del unsafe_pickle  # a PyTorch notion; see the docstring
+    path = os.fspath(path)
+    if arch is not None:
+        raise DeadNeuronError(
+            f"--arch applies to PyTorch state dicts, but {path} is a Keras file, which holds its own "
+            "architecture; drop --arch"
+        )
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in SUFFIXES:
+        raise DeadNeuronError(
+            f"cannot load {path} as a Keras model; expected a file ending in {', '.join(SUFFIXES)}"
+        )
+    if not os.path.isfile(path):
+        raise DeadNeuronError(f"Keras model file not found: {path}; expected an existing {suffix} file")
+    with tempfile.TemporaryDirectory(prefix="deadneuron-") as scratch:
+        try:
+            readable = _with_input_layer(path, scratch) if suffix != ".keras" else path
+            model = keras.models.load_model(
+                readable, compile=False, safe_mode=not unsafe_deserialization, custom_objects=custom_objects()
+            )
+        except Exception as error:  # ValueError, TypeError, KeyError, OSError...: sorted in _explain
+            raise _explain(path, suffix, error) from error
+    if not isinstance(model, keras.Model):
+        raise DeadNeuronError(
+            f"{path} holds a {type(model).__name__}, not a Keras model; expected a saved model"
+        )
+    return model
+
+
+def _with_input_layer(path: str, scratch: str) -> str:
+    """`path`, or a patched copy in `scratch` if it is a Keras 2.0-2.2 Sequential model (keras-contrib era).
+
+    Those files give the first layer `batch_input_shape` instead of an InputLayer, and Keras 3 reads that as
+    an input shape without the batch axis, so the model loads expecting one axis too many (inputs (None, 4)
+    become (None, None, 4)). The copy declares the input as tf.keras 2 files do, which Keras 3 reads right.
+    """
+    import h5py  # a Keras dependency
+
+    with h5py.File(path, "r") as file:
+        raw = file.attrs.get("model_config")
+    if raw is None:
+        return path  # Keras says what is missing
+    config = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    layers = config.get("config", {}).get("layers") if config.get("class_name") == "Sequential" else None
+    if not layers or layers[0].get("class_name") == "InputLayer" or "module" in layers[0]:
+        return path
+    first = layers[0].get("config", {})
+    if "batch_input_shape" not in first:
+        return path
+    input_layer = {
+        "class_name": "InputLayer",
+        "config": {
+            "batch_input_shape": first.pop("batch_input_shape"),
+            "dtype": first.get("dtype", "float32"),
+            "sparse": False,
+            "name": f"{first.get('name', 'layer')}_input",
+        },
+    }
+    config["config"]["layers"] = [input_layer, *layers]
+    patched = os.path.join(scratch, os.path.basename(path))
+    shutil.copyfile(path, patched)
+    with h5py.File(patched, "r+") as file:
+        file.attrs["model_config"] = json.dumps(config).encode("utf-8")
+    return patched
+
+
+def _explain(path: str, suffix: str, error: Exception) -> DeadNeuronError:
+    """One clear message for what Keras raised while loading `path`."""
+    message = str(error)
+    if "Lambda" in message and "safe_mode" in message:
+        return DeadNeuronError(
+            f"refused to load {path}: it contains a Lambda layer, whose Python code would run on load; "
+            f"expected a model without Lambda layers. If you trust the file, pass {UNSAFE_FLAG}"
+        )
+    if "safe_mode" in message or "unsafe_deserialization" in message:
+        return DeadNeuronError(
+            f"refused to load {path}: it holds Python code that Keras runs only outside safe mode. If you "
+            f"trust the file, pass {UNSAFE_FLAG}"
+        )
+    unknown = re.search(
+        r"Unknown (?:layer|activation|object|initializer|regularizer|constraint)[^:]*: '?([^'.\s]+)", message
+    )
+    unknown = unknown or re.search(r"Could not locate (?:class|function) '([^']+)'", message)
+    if unknown:
+        name = unknown.group(1)
+        return DeadNeuronError(
+            f"cannot load {path}: it uses the custom Keras object {name!r}, which is not registered in this "
+            "process; expected built-in Keras objects, deadneuron's SineReLU or keras-contrib's SineReLU. "
+            f"Import the module that defines {name!r} (registered with "
+            "keras.saving.register_keras_serializable), then load from Python: "
+            "deadneuron.keras.loading.load_model"
+        )
+    corrupt = (
+        isinstance(error, (OSError, zipfile.BadZipFile, KeyError, EOFError))
+        or "accessible `.keras` zip file" in message
+        or "No model config found" in message
+    )
+    if corrupt:
+        if suffix == ".keras":
+            expected = "a .keras zip archive written by model.save"
+            # Keras says "File not found" for any file that is not a zip; this one exists: do not repeat it.
+            detail = "not a zip archive" if "zip file" in message else _first_line(message)
+        else:
+            expected, detail = "an HDF5 file written by model.save", _first_line(message)
+        return DeadNeuronError(
+            f"cannot load {path}: the file is damaged or not a Keras model ({detail}); expected {expected}."
+            " Check that the file was copied completely, or save the model again"
+        )
+    return DeadNeuronError(
+        f"cannot load {path} with Keras {keras.__version__}: {type(error).__name__}: "
+        f"{_first_line(message)}; expected a model saved by Keras 2 or 3 with model.save. Check that it "
+        "loads with keras.models.load_model(path, compile=False)"
+    )
+
+
+def _first_line(message: str, limit: int = 200) -> str:
+    line = message.strip().splitlines()[0] if message.strip() else "no message"
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -1,0 +1,278 @@
+"""SineReLU for Keras 3: the `sinerelu` function and the serializable `SineReLU` layer (design.md).
+
+f(z) = z for z > 0 and eps*sqrt(2)*sin(z - pi/4) (= eps*(sin z - cos z)) for z <= 0; `form="max"` is
+keras-contrib's max(eps*(sin z - cos z), z). One transcendental per element per pass, and the backward pass
+keeps only the input: f'(z) = eps*sqrt(2)*cos(z - pi/4) on the negative branch.
+
+`SineReLU` is a `keras.layers.Layer` registered as "deadneuron>SineReLU". A Layer instance is also a callable
+that Keras serializes with its config, so `Dense(8, activation=SineReLU(0.025))` keeps epsilon and form
+through a `.keras` or `.h5` save (a registered plain function is saved by name only: its epsilon is lost).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import keras
+
+from ..errors import DeadNeuronError
+from ..reference import DEFAULT_EPSILON, Form, check_form
+
+# sin z - cos z = sqrt(2) sin(z - pi/4) and cos z + sin z = sqrt(2) cos(z - pi/4): one transcendental.
+_SHIFT = math.pi / 4
+
+Kernel = Callable[[Any], Any]
+
+
+def check_epsilon(epsilon: object) -> float:
+    """`epsilon` as a float; DeadNeuronError unless it is a finite number >= 0."""
+    try:
+        value = float(epsilon)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise DeadNeuronError(
+            f"SineReLU epsilon must be a finite number >= 0, received {epsilon!r}; "
+            f"use the default {DEFAULT_EPSILON} or e.g. 0.025 for dense layers"
+        )
+    return value
+
+
+def _max_form_crossing(epsilon: float) -> float | None:
+    """z* <= 0 where eps*(sin z - cos z) = z: below it the max form takes the sine branch, above it z.
+
+    g(z) = eps*(sin z - cos z) - z has g' = eps*sqrt(2)*cos(z - pi/4) - 1 < 0 when eps*sqrt(2) < 1, so the
+    root is unique and the max form's branch is `z < z*`: the backward pass needs no sine to know it. For
+    larger epsilons (None) the backward recomputes the forward's comparison instead.
+    """
+    if epsilon * math.sqrt(2) >= 1:
+        return None
+    if epsilon == 0:
+        return 0.0
+    z = -epsilon  # g(-eps) ~ eps^2 > 0 and g(0) = -eps < 0: Newton from here converges in a few steps
+    for _ in range(50):
+        g = epsilon * (math.sin(z) - math.cos(z)) - z
+        step = g / (epsilon * (math.cos(z) + math.sin(z)) - 1)
+        z -= step
+        if abs(step) <= 1e-17:
+            break
+    return z
+
+
+def _branch_rule(form: str, crossing: float | None) -> str:
+    """Where the backward pass takes the sine branch's slope.
+
+    "z<=0" (piecewise), "z<z*" (max form, z* known) or "sine>z" (max form with eps*sqrt(2) >= 1: recompute the
+    forward's comparison, at the cost of one more sine).
+    """
+    if form == "piecewise":
+        return "z<=0"
+    return "z<z*" if crossing is not None else "sine>z"
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel(epsilon: float, form: str, backend: str) -> Kernel:
+    """The custom-gradient function of one (epsilon, form) on one Keras backend (cached: layers share it)."""
+    if backend == "tensorflow":
+        return _tensorflow_kernel(epsilon, form)
+    return _generic_kernel(epsilon, form)
+
+
+def _generic_kernel(epsilon: float, form: str) -> Kernel:
+    """keras.ops version: any backend whose `keras.ops.custom_gradient` works (TensorFlow, torch, JAX)."""
+    ops = keras.ops
+    scale = epsilon * math.sqrt(2)
+    crossing = _max_form_crossing(epsilon) if form == "max" else None
+    branch = _branch_rule(form, crossing)
+
+    def sine_branch_mask(z: Any) -> Any:
+        if branch == "z<=0":
+            return ops.less_equal(z, 0)
+        if branch == "z<z*":
+            return ops.less(z, crossing)
+        return ops.greater(ops.multiply(ops.sin(ops.subtract(z, _SHIFT)), scale), z)
+
+    @ops.custom_gradient
+    def apply(z: Any) -> Any:
+        negative = ops.multiply(ops.sin(ops.subtract(z, _SHIFT)), scale)
+        if form == "max":
+            out = ops.maximum(z, negative)
+        else:
+            out = ops.where(ops.greater(z, 0), z, negative)
+
+        # The torch backend passes the cotangent as `upstream=`; TensorFlow and JAX pass it positionally.
+        def grad(*args: Any, upstream: Any = None) -> Any:
+            if upstream is None:
+                (upstream,) = args
+            slope = ops.multiply(ops.cos(ops.subtract(z, _SHIFT)), scale)
+            return ops.where(sine_branch_mask(z), ops.multiply(upstream, slope), upstream)
+
+        return out, grad
+
+    return apply
+
+
+# Eager calls on at least this many elements run as a graph, smaller ones as eager ops: a graph call costs
+# ~0.4 ms here and saves ~3.5 ns per element (eager ops vs graph, measured at 64K and 16M elements).
+GRAPH_MIN_ELEMENTS = 1 << 18
+
+
+def _tensorflow_kernel(epsilon: float, form: str) -> Kernel:
+    """TensorFlow version of the same maths, faster than the keras.ops one (docs/benchmarks.md).
+
+    Why not keras.ops here: `tf.where` is SelectV2, about twice the cost of same-shape `Select` on CPU; and
+    large eager calls run as a graph (`tf.function`, no XLA: XLA made SineReLU 2-4x slower on this CPU), where
+    TensorFlow reuses the buffers of intermediates instead of allocating and page-faulting a fresh tensor per
+    op. Inside a model's compiled step (already a graph) the ops are inlined.
+    """
+    import tensorflow as tf
+
+    scale = epsilon * math.sqrt(2)
+    crossing = _max_form_crossing(epsilon) if form == "max" else None
+    branch = _branch_rule(form, crossing)
+
+    def large_and_eager(z: Any) -> bool:
+        return (
+            tf.executing_eagerly()
+            and z.shape.num_elements() is not None
+            and (z.shape.num_elements() >= GRAPH_MIN_ELEMENTS)
+        )
+
+    @tf.custom_gradient
+    def apply(z: Any) -> Any:
+        if large_and_eager(z):
+            # Flattened, so that one trace per dtype serves every shape.
+            graph = _tensorflow_graph("forward", z.dtype.name, form)
+            out = tf.reshape(graph(tf.reshape(z, [-1]), tf.constant(scale, z.dtype)), tf.shape(z))
+        else:
+            out = _tensorflow_forward(tf, z, scale, form)
+
+        # The closure keeps `z` alone alive for the backward pass; the rest is recomputed.
+        def grad(upstream: Any) -> Any:
+            if large_and_eager(z):
+                graph = _tensorflow_graph("backward", z.dtype.name, branch)
+                flat = graph(
+                    tf.reshape(z, [-1]),
+                    tf.reshape(upstream, [-1]),
+                    tf.constant(scale, z.dtype),
+                    tf.constant(crossing or 0.0, z.dtype),
+                )
+                return tf.reshape(flat, tf.shape(z))
+            return _tensorflow_backward(tf, z, upstream, scale, crossing, branch)
+
+        return out, grad
+
+    return apply
+
+
+def _tensorflow_forward(tf: Any, z: Any, scale: Any, form: str) -> Any:
+    negative = tf.sin(z - _SHIFT) * scale
+    if form == "max":
+        return tf.maximum(z, negative)
+    return tf.raw_ops.Select(condition=tf.greater(z, 0), x=z, y=negative)
+
+
+def _tensorflow_backward(tf: Any, z: Any, upstream: Any, scale: Any, crossing: Any, branch: str) -> Any:
+    if branch == "z<=0":
+        sine_branch = tf.less_equal(z, 0)
+    elif branch == "z<z*":
+        sine_branch = tf.less(z, crossing)
+    else:
+        sine_branch = tf.greater(tf.sin(z - _SHIFT) * scale, z)
+    slope = tf.cos(z - _SHIFT) * scale
+    return tf.raw_ops.Select(condition=sine_branch, x=upstream * slope, y=upstream)
+
+
+@functools.cache
+def _tensorflow_graph(direction: str, dtype: str, rule: str) -> Any:
+    """The forward (`rule`: the form) or backward (`rule`: the branch rule) pass as a graph on flat tensors.
+
+    Epsilon is a tensor argument, so there is one graph per dtype and rule, never one per layer; traced with
+    an explicit signature, it never retraces (nor warns about it) when the batch shape changes.
+    """
+    import tensorflow as tf
+
+    vector, scalar = tf.TensorSpec([None], dtype), tf.TensorSpec([], dtype)
+    if direction == "forward":
+
+        def forward(z: Any, scale: Any) -> Any:
+            return _tensorflow_forward(tf, z, scale, rule)
+
+        return tf.function(forward, jit_compile=False, autograph=False).get_concrete_function(vector, scalar)
+
+    def backward(z: Any, upstream: Any, scale: Any, crossing: Any) -> Any:
+        return _tensorflow_backward(tf, z, upstream, scale, crossing, rule)
+
+    return tf.function(backward, jit_compile=False, autograph=False).get_concrete_function(
+        vector, vector, scalar, scalar
+    )
+
+
+def sinerelu(x: Any, epsilon: float = DEFAULT_EPSILON, form: Form = "piecewise") -> Any:
+    """SineReLU of a tensor on the current Keras backend, with its custom gradient.
+
+    TensorFlow's CPU kernels flush subnormal floats to zero, so there a positive subnormal input (< 1.2e-38 in
+    float32) takes the z <= 0 branch and gives -eps.
+
+    >>> import numpy as np
+    >>> np.round(keras.ops.convert_to_numpy(sinerelu(np.array([1.0, 0.0]), epsilon=0.5)), 6).tolist()
+    [1.0, -0.5]
+    """
+    kernel = _kernel(check_epsilon(epsilon), check_form(form), keras.backend.backend())
+    x = keras.ops.convert_to_tensor(x)
+    if not _is_float(x):
+        x = keras.ops.cast(x, keras.config.floatx())
+    return kernel(x)
+
+
+def _is_float(x: Any) -> bool:
+    return "float" in keras.backend.standardize_dtype(x.dtype)
+
+
+@keras.saving.register_keras_serializable(package="deadneuron")
+class SineReLU(keras.layers.Layer):
+    """SineReLU as a layer, or as the `activation=` of a Dense or Conv layer.
+
+    `form="piecewise"` (default) is the article's definition; `form="max"` is keras-contrib's. A config
+    without a `form` key was written by keras-contrib's `SineReLU` (ours always writes it), so `from_config`
+    reads it as the max form: `.h5` files trained with keras-contrib load with `custom_objects()` and compute
+    as before.
+
+    >>> SineReLU(0.025).get_config()["epsilon"]
+    0.025
+    """
+
+    def __init__(self, epsilon: float = DEFAULT_EPSILON, form: Form = "piecewise", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.epsilon = check_epsilon(epsilon)
+        self.form: Form = check_form(form)  # type: ignore[assignment]
+        self.supports_masking = True
+
+    def call(self, inputs: Any) -> Any:
+        return sinerelu(inputs, self.epsilon, self.form)
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "epsilon": self.epsilon, "form": self.form}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> SineReLU:
+        config = dict(config)
+        config.setdefault("form", "max")  # keras-contrib's config: {"epsilon": ...} and base keys only
+        return cls(**config)
+
+    def __repr__(self) -> str:
+        return f"SineReLU(epsilon={self.epsilon}, form={self.form!r})"
+
+
+def custom_objects() -> dict[str, Any]:
+    """Objects to pass as `custom_objects=` when loading: maps keras-contrib's class name 'SineReLU' to ours.
+
+    Our own files name the class "deadneuron>SineReLU" and need only `import deadneuron.keras`.
+    """
+    return {"SineReLU": SineReLU}
