@@ -1,0 +1,9 @@
+"""PyTorch support: the adapter (`deadneuron.torch.adapter`), and SineReLU when `sinerelu.py` is present.
+
+Importing this package imports torch.
+"""
+
+from __future__ import annotations
+
+from .sinerelu import SineReLU as SineReLU
+from .sinerelu import sinerelu as sinerelu
