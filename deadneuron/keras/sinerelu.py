@@ -1,7 +1,8 @@
 """SineReLU for Keras 3: the `sinerelu` function and the serializable `SineReLU` layer (design.md).
 
 f(z) = z for z > 0 and eps*sqrt(2)*sin(z - pi/4) (= eps*(sin z - cos z)) for z <= 0; `form="max"` is
-keras-contrib's max(eps*(sin z - cos z), z). One transcendental per element per pass, and the backward pass
+keras-contrib's max(eps*(sin z - cos z), z), computed with keras-contrib's own expression so that its models
+match bit for bit. The piecewise form uses one transcendental per element per pass; the backward pass
 keeps only the input: f'(z) = eps*sqrt(2)*cos(z - pi/4) on the negative branch.
 
 `SineReLU` is a `keras.layers.Layer` registered as "deadneuron>SineReLU". A Layer instance is also a callable
@@ -97,11 +98,11 @@ def _generic_kernel(epsilon: float, form: str) -> Kernel:
 
     @ops.custom_gradient
     def apply(z: Any) -> Any:
-        negative = ops.multiply(ops.sin(ops.subtract(z, _SHIFT)), scale)
         if form == "max":
-            out = ops.maximum(z, negative)
+            # keras-contrib's own expression, op for op, so that its models compute bit for bit as they did.
+            out = ops.maximum(ops.multiply(epsilon, ops.subtract(ops.sin(z), ops.cos(z))), z)
         else:
-            out = ops.where(ops.greater(z, 0), z, negative)
+            out = ops.where(ops.greater(z, 0), z, ops.multiply(ops.sin(ops.subtract(z, _SHIFT)), scale))
 
         # The torch backend passes the cotangent as `upstream=`; TensorFlow and JAX pass it positionally.
         def grad(*args: Any, upstream: Any = None) -> Any:
@@ -141,14 +142,17 @@ def _tensorflow_kernel(epsilon: float, form: str) -> Kernel:
             and (z.shape.num_elements() >= GRAPH_MIN_ELEMENTS)
         )
 
+    # The max form multiplies by epsilon itself (keras-contrib's expression), the piecewise form by eps*sqrt(2).
+    factor = epsilon if form == "max" else scale
+
     @tf.custom_gradient
     def apply(z: Any) -> Any:
         if large_and_eager(z):
             # Flattened, so that one trace per dtype serves every shape.
             graph = _tensorflow_graph("forward", z.dtype.name, form)
-            out = tf.reshape(graph(tf.reshape(z, [-1]), tf.constant(scale, z.dtype)), tf.shape(z))
+            out = tf.reshape(graph(tf.reshape(z, [-1]), tf.constant(factor, z.dtype)), tf.shape(z))
         else:
-            out = _tensorflow_forward(tf, z, scale, form)
+            out = _tensorflow_forward(tf, z, factor, form)
 
         # The closure keeps `z` alone alive for the backward pass; the rest is recomputed.
         def grad(upstream: Any) -> Any:
@@ -168,11 +172,13 @@ def _tensorflow_kernel(epsilon: float, form: str) -> Kernel:
     return apply
 
 
-def _tensorflow_forward(tf: Any, z: Any, scale: Any, form: str) -> Any:
-    negative = tf.sin(z - _SHIFT) * scale
+def _tensorflow_forward(tf: Any, z: Any, factor: Any, form: str) -> Any:
+    """`factor` is eps*sqrt(2) for the piecewise form, eps for the max form."""
     if form == "max":
-        return tf.maximum(z, negative)
-    return tf.raw_ops.Select(condition=tf.greater(z, 0), x=z, y=negative)
+        # keras-contrib's expression op for op (two transcendentals): its models must compute bit for bit as
+        # they did; the max form is the compatibility path, the piecewise form the fast one.
+        return tf.maximum(factor * (tf.sin(z) - tf.cos(z)), z)
+    return tf.raw_ops.Select(condition=tf.greater(z, 0), x=z, y=tf.sin(z - _SHIFT) * factor)
 
 
 def _tensorflow_backward(tf: Any, z: Any, upstream: Any, scale: Any, crossing: Any, branch: str) -> Any:
