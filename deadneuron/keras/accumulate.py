@@ -1,0 +1,107 @@
+"""Per-site statistics kept on the model's device as Keras variables, reduced with `keras.ops`.
+
+One `SiteAccumulator` per site holds the fields of `stats.FIELDS` and the sample counters. `update` reduces one
+batch's pre-activation, output and gradient to per-unit numbers and adds them in place, so no activation is kept and
+nothing goes to the host until `to_stats()`, once per report. The same code runs inside a `tf.function` (TensorFlow
+backend) and eagerly under `torch.no_grad` (torch backend).
+
+Cost: the reductions are memory-bound, so `update` makes few passes over the full activation. The positions of each
+(sample, unit) are reduced first (the fraction of positions firing, max |a|, max z, max |g|, sum |g|); everything
+else is computed on those (samples, units) summaries. A NaN or an Inf in a (sample, unit) makes that max |a|
+non-finite, which is how non-finite outputs are counted (max propagates NaN on both backends); such a sample adds
+nothing to `max_abs`. |Inf| > atol counts as firing and a NaN as not firing: such units are `nonfinite`, never dead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from ..report import SiteInfo
+from ..stats import SiteStats
+
+# Rows of the forward and gradient count variables; sums of 0/1 per batch are exact in float32 below 2**24 samples.
+_FORWARD_ROWS = ("fired", "positive", "nonfinite", "inactive_sum")
+_GRAD_ROWS = ("grad_nonzero", "grad_abs_sum")
+
+
+class SiteAccumulator:
+    def __init__(self, site: SiteInfo, rank: int, positions: int) -> None:
+        self.site = site
+        self.rank = rank
+        self.positions = positions
+        # every axis but the batch (0) and the unit axis: reducing them leaves (samples, units)
+        self.position_axes = tuple(i for i in range(1, rank) if i != site.unit_axis)
+        units = site.units
+
+        def variable(shape: tuple[int, ...], dtype: str, name: str) -> Any:
+            return keras.Variable(np.zeros(shape, dtype), trainable=False, name=f"deadneuron_{name}")
+
+        self.forward = variable((len(_FORWARD_ROWS), units), "float64", "forward")
+        self.gradient = variable((len(_GRAD_ROWS), units), "float64", "gradient")
+        self.max_abs = variable((units,), "float64", "max_abs")
+        self.samples = variable((), "int64", "samples")
+        self.grad_samples = variable((), "int64", "grad_samples")
+
+    def _per_sample(self, t: Any, how: str) -> Any:
+        """(samples, units) summary of a full activation-shaped tensor over its positions."""
+        if not self.position_axes:
+            return t
+        reduce = {"max": ops.max, "mean": ops.mean, "sum": ops.sum}[how]
+        return reduce(t, axis=self.position_axes)
+
+    def update(self, z: Any, a: Any, g: Any, atol: float, gtol: float) -> None:
+        z, a = _as_rank(z, self.rank), _as_rank(a, self.rank)
+        magnitude = ops.abs(ops.cast(a, "float32"))
+        active = self._per_sample(ops.cast(magnitude > atol, "float32"), "mean")  # fraction of positions firing
+        largest = self._per_sample(magnitude, "max")
+        finite = ops.isfinite(largest)
+        top = self._per_sample(ops.cast(z, "float32"), "max")
+        batch = ops.shape(a)[0]
+        forward = ops.stack(
+            [
+                ops.sum(ops.cast(active > 0, "float32"), axis=0),
+                ops.sum(ops.cast(top > 0, "float32"), axis=0),
+                ops.sum(ops.cast(ops.logical_not(finite), "float32"), axis=0),
+                ops.cast(batch, "float32") - ops.sum(active, axis=0),  # sum over samples of the fraction at zero
+            ]
+        )
+        self.forward.assign_add(ops.cast(forward, "float64"))
+        largest = ops.max(ops.where(finite, largest, 0.0), axis=0)
+        self.max_abs.assign(ops.maximum(self.max_abs, ops.cast(largest, "float64")))
+        self.samples.assign_add(ops.cast(batch, "int64"))
+        if g is None:
+            return
+        g = ops.abs(ops.cast(_as_rank(g, self.rank), "float32"))
+        gradient = ops.stack(
+            [
+                ops.sum(ops.cast(self._per_sample(g, "max") > gtol, "float32"), axis=0),
+                ops.sum(self._per_sample(g, "sum"), axis=0),
+            ]
+        )
+        self.gradient.assign_add(ops.cast(gradient, "float64"))
+        self.grad_samples.assign_add(ops.cast(batch, "int64"))
+
+    def to_stats(self) -> SiteStats:
+        forward = ops.convert_to_numpy(self.forward.value)
+        gradient = ops.convert_to_numpy(self.gradient.value)
+        arrays = {name: forward[i] for i, name in enumerate(_FORWARD_ROWS)}
+        arrays.update({name: gradient[i] for i, name in enumerate(_GRAD_ROWS)})
+        for name in ("fired", "positive", "nonfinite", "grad_nonzero"):
+            arrays[name] = np.rint(arrays[name]).astype(np.int64)
+        return SiteStats(
+            units=self.site.units,
+            samples=int(ops.convert_to_numpy(self.samples.value)),
+            grad_samples=int(ops.convert_to_numpy(self.grad_samples.value)),
+            positions=self.positions,
+            max_abs=ops.convert_to_numpy(self.max_abs.value),
+            **arrays,
+        )
+
+
+def _as_rank(t: Any, rank: int) -> Any:
+    """A (samples,) activation is one unit per sample: give it a unit axis."""
+    return ops.expand_dims(t, -1) if rank == 2 and len(t.shape) == 1 else t

@@ -1,0 +1,405 @@
+"""The Keras scan on a zoo whose dead, dormant and gradient-dead units are known by construction (tests/keras_zoo.py).
+
+In-process tests run on the TensorFlow backend; the torch backend and the CLI run in fresh processes (slow).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+pytest.importorskip("tensorflow")
+
+import deadneuron  # noqa: E402
+from deadneuron import DeadNeuronError  # noqa: E402
+from deadneuron.keras import adapter  # noqa: E402
+
+from . import keras_zoo  # noqa: E402
+from .conftest import last_line, run_cli  # noqa: E402
+
+if keras.backend.backend() != "tensorflow":  # pragma: no cover - the subprocess tests cover other backends
+    pytest.skip("in-process Keras tests run on the TensorFlow backend", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def zoo() -> dict[str, keras_zoo.ZooModel]:
+    return {name: build() for name, build in keras_zoo.BUILDERS.items()}
+
+
+def assert_matches(report: deadneuron.Report, expected: dict[str, keras_zoo.Expect]) -> None:
+    assert [layer.name for layer in report.layers] == list(expected)
+    for layer in report.layers:
+        want = expected[layer.name]
+        got = (layer.kind, layer.units, layer.unit_axis, layer.dead_units, layer.dormant_units, layer.grad_dead_units)
+        assert got == (want.kind, want.units, want.unit_axis, want.dead, want.dormant_units, want.grad_dead), layer.name
+
+
+def state_of(model: keras.Model) -> dict:
+    """Everything a scan might disturb: weights, trainable flags, instance attributes that wrappers replace."""
+    layers = model._flatten_layers(include_self=True, recursive=True)
+    return {
+        "weights": [np.array(v.numpy()) for v in model.weights],
+        "trainable": [layer.trainable for layer in layers],
+        "patched": [(vars(layer).get("call"), vars(layer).get("activation")) for layer in layers],
+        "ops": [vars(op).get("call") for op in getattr(model, "operations", [])],
+        "compiled": [vars(model).get(name) for name in ("predict_function", "train_function", "test_function")],
+    }
+
+
+def assert_untouched(before: dict, after: dict) -> None:
+    assert len(before["weights"]) == len(after["weights"])
+    for a, b in zip(before["weights"], after["weights"], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert before["trainable"] == after["trainable"]
+    for key in ("patched", "ops", "compiled"):
+        assert len(before[key]) == len(after[key])
+        assert all(_same(a, b) for a, b in zip(before[key], after[key], strict=True)), key
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, tuple):
+        return all(x is y for x, y in zip(a, b, strict=True))
+    return a is b
+
+
+# --------------------------------------------------------------------------------------- known by construction
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "nested", "subclassed", "channels_first", "kinds"])
+def test_zoo_units_known_by_construction(zoo, name):
+    model = zoo[name]
+    report = deadneuron.scan(model.model, model.x, batch_size=16)
+    assert report.framework == "keras" and report.loss == "probe" and report.samples == len(model.x)
+    assert_matches(report, model.sites)
+    assert all(layer.stats.grad_samples == len(model.x) for layer in report.layers)
+
+
+def test_statistics_match_a_numpy_reference(zoo):
+    """Every field of both MLP sites against a float64 forward and backward written out by hand (MSE loss)."""
+    model = zoo["mlp"].model
+    x = zoo["mlp"].x
+    y = np.random.default_rng(3).standard_normal((len(x), 4)).astype("float32")
+    report = deadneuron.scan(model, (x, y), batch_size=24)
+    assert report.loss == "mse"
+    (w1, b1), (w2, b2), (w3, b3) = (
+        [np.asarray(v.numpy(), np.float64) for v in model.get_layer(n).weights] for n in ("dense_relu", "hidden", "out")
+    )
+    z1 = x @ w1 + b1
+    a1 = np.maximum(z1, 0)
+    z2 = a1 @ w2 + b2
+    a2 = np.maximum(z2, 0)
+    out = a2 @ w3 + b3
+    g2 = (2 * (out - y) @ w3.T) * (z2 > 0)
+    g1 = (g2 @ w2.T) * (z1 > 0)
+    for name, z, a, g in (("dense_relu", z1, a1, g1), ("relu_layer", z2, a2, g2)):
+        stats = report.layer(name).stats
+        assert stats.samples == stats.grad_samples == len(x)
+        np.testing.assert_array_equal(stats.fired, (a != 0).sum(0))
+        np.testing.assert_array_equal(stats.positive, (z > 0).sum(0))
+        np.testing.assert_array_equal(stats.grad_nonzero, (g != 0).sum(0))
+        np.testing.assert_array_equal(stats.nonfinite, np.zeros(a.shape[1]))
+        np.testing.assert_allclose(stats.max_abs, np.abs(a).max(0), rtol=1e-5)
+        np.testing.assert_allclose(stats.inactive_sum, (a == 0).sum(0))
+        np.testing.assert_allclose(stats.grad_abs_sum, np.abs(g).sum(0), rtol=1e-4, atol=1e-5)
+
+
+def test_batching_does_not_change_the_statistics(zoo):
+    """Sums and maxima: one batch or many give the same numbers (the stream merges exactly). A task loss, since
+    the probe draws its cotangents per batch."""
+    model = zoo["cnn"]
+    targets = np.random.default_rng(5).standard_normal((len(model.x), 3)).astype("float32")
+    whole = deadneuron.scan(model.model, (model.x, targets), batch_size=64)
+    pieces = deadneuron.scan(model.model, (model.x, targets), batch_size=7)
+    for a, b in zip(whole.layers, pieces.layers, strict=True):
+        for field in ("fired", "positive", "grad_nonzero", "nonfinite"):
+            np.testing.assert_array_equal(getattr(a.stats, field), getattr(b.stats, field))
+        for field in ("max_abs", "inactive_sum", "grad_abs_sum"):
+            np.testing.assert_allclose(getattr(a.stats, field), getattr(b.stats, field), rtol=1e-4, atol=1e-6)
+        assert a.stats.positions == b.stats.positions == 64
+
+
+def test_loss_none_has_null_gradient_fields(zoo):
+    model = zoo["mlp"]
+    report = deadneuron.scan(model.model, model.x, loss="none")
+    data = json.loads(report.to_json())
+    assert data["loss"] == "none" and data["totals"]["grad_dead"] is None
+    assert all(layer["grad_dead"] is None and layer["grad_dead_units"] is None for layer in data["layers"])
+    assert [layer["dead_units"] for layer in data["layers"]] == [[3, 7], [2]]
+
+
+def test_unit_axis_override(zoo):
+    model = zoo["channels_first"]
+    report = deadneuron.scan(model.model, model.x, unit_axis=-1, loss="none")
+    assert [(layer.unit_axis, layer.units) for layer in report.layers] == [(3, 6), (3, 6)]
+    with pytest.raises(DeadNeuronError, match="unit_axis=0 does not fit site 'conv_cf'"):
+        deadneuron.scan(model.model, model.x, unit_axis=0)
+
+
+def test_inspect_lists_sites_without_data(zoo):
+    sites = deadneuron.inspect(zoo["cnn"].model)
+    assert [(s.name, s.kind, s.units, s.unit_axis) for s in sites] == [
+        (name, e.kind, e.units, e.unit_axis) for name, e in zoo["cnn"].sites.items()
+    ]
+    with pytest.raises(DeadNeuronError, match="cannot tell the input shape of Subclassed"):
+        deadneuron.inspect(zoo["subclassed"].model)
+    assert [s.name for s in deadneuron.inspect(zoo["subclassed"].model, input_shape=(5,))] == ["d1", "block/act"]
+
+
+def test_thresholds_and_non_finite_units():
+    """A unit stuck at 1e-3 is dead only with atol above it; a unit that overflows is nonfinite, never dead."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="relu", name="h"),
+                              keras.layers.Dense(2, name="out")])
+    hidden = model.get_layer("h")
+    kernel, bias = hidden.kernel.numpy(), hidden.bias.numpy()
+    kernel[:, 0], bias[0] = 0.0, 1e-3
+    kernel[:, 3], bias[3] = 0.0, np.inf
+    hidden.kernel.assign(kernel)
+    hidden.bias.assign(bias)
+    x = np.random.default_rng(0).standard_normal((16, 3)).astype("float32")
+    plain = deadneuron.scan(model, x, loss="none").layer("h")
+    assert plain.dead_units == [] and plain.nonfinite == 1 and plain.stats.nonfinite.tolist() == [0, 0, 0, 16]
+    assert plain.stats.max_abs[3] == 0.0  # non-finite values are not maxima
+    loose = deadneuron.scan(model, x, loss="none", atol=1e-2)
+    assert loose.layer("h").dead_units == [0] and any("non-finite" in w for w in loose.warnings)
+
+
+def test_an_unbuilt_model_is_scanned_with_a_warning():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.layers.Dense(4, activation="relu", name="h"), keras.layers.Dense(2)])
+    with pytest.raises(DeadNeuronError, match="cannot tell the input shape of Sequential"):
+        deadneuron.scan(model, samples=8)
+    report = deadneuron.scan(model, samples=8, input_shape=(3,))
+    assert [layer.name for layer in report.layers] == ["h"]
+    assert any("had not been built" in warning for warning in report.warnings)
+
+
+def test_lambda_and_recurrent_activations_are_listed_as_unobserved():
+    inputs = keras.Input((5, 3))
+    x = keras.layers.LSTM(4, activation="relu", return_sequences=True, name="lstm")(inputs)
+    x = keras.layers.Lambda(lambda t: keras.ops.relu(t), name="lam")(x)
+    x = keras.layers.Dense(6, activation="relu", name="d")(x)
+    model = keras.Model(inputs, x)
+    report = deadneuron.scan(model, samples=8, loss="none")
+    assert [layer.name for layer in report.layers] == ["d"]
+    assert report.layers[0].unit_axis == 2 and report.layers[0].stats.positions == 5
+    assert [entry.split(" ")[0] for entry in report.unobserved] == ["lstm", "lam"]
+
+
+# ------------------------------------------------------------------------------------------- losses and data
+
+
+def test_integer_labels_take_cross_entropy_on_the_logits_of_a_softmax_output():
+    """Saturated softmax, every label wrong: CE on clipped probabilities would give no gradient at all; on the
+    captured logits every alive unit gets one."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(6, activation="relu", name="h"),
+         keras.layers.Dense(3, activation="softmax", name="probs")]
+    )
+    hidden, probs = model.get_layer("h"), model.get_layer("probs")
+    hidden.kernel.assign(np.abs(hidden.kernel.numpy()))  # positive inputs and weights: every unit fires
+    probs.kernel.assign(0.01 * probs.kernel.numpy())
+    probs.bias.assign(np.array([500.0, 0.0, 0.0], "float32"))  # probabilities exactly (1, 0, 0)
+    x = np.abs(np.random.default_rng(0).standard_normal((32, 4))).astype("float32")
+    labels = np.full(32, 2)  # never the predicted class
+    report = deadneuron.scan(model, x, labels=labels)
+    assert report.loss == "ce"
+    layer = report.layer("h")
+    assert layer.dead_units == [] and layer.grad_dead_units == []
+    assert layer.stats.grad_abs_sum.min() > 0
+
+
+def test_tf_data_pydataset_and_random_samples(zoo):
+    import tensorflow as tf
+
+    model = zoo["nested"]
+    labels = np.arange(len(model.x)) % 2
+    dataset = tf.data.Dataset.from_tensor_slices((model.x, labels)).batch(10)
+    report = deadneuron.scan(model.model, dataset)
+    assert report.loss == "ce" and report.samples == len(model.x)
+    assert [layer.dead_units for layer in report.layers] == [[4], [4], [3]]
+
+    class Batches(keras.utils.PyDataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, index: int):
+            return model.x[index * 16 : (index + 1) * 16]
+
+    seen: list[int] = []
+    report = deadneuron.scan(model.model, Batches(), samples=40, progress=seen.append)
+    assert report.samples == 40 and seen == [16, 16, 8] and report.loss == "probe"
+    report = deadneuron.scan(model.model, samples=50, batch_size=20, seed=3)
+    assert report.samples == 50
+    assert [layer.dead_units for layer in report.layers] == [[4], [4], [3]]
+
+
+@pytest.mark.parametrize(
+    "data, options, message",
+    [
+        (np.zeros((4, 7), "float32"), {}, r"the data's samples have shape \(7\), the model expects \(8\)"),
+        (np.zeros((0, 8), "float32"), {}, "the inputs are empty"),
+        ([], {}, "the data is empty"),
+        (np.zeros((4, 8), "float32"), {"loss": "ce"}, "loss='ce' needs labels"),
+        ((np.zeros((4, 8), "float32"), np.array([0, 1, 2, 9])), {}, "labels run from 0 to 9, but the model has 4"),
+        ((np.zeros((4, 8), "float32"), np.zeros((4, 3), "float32")), {}, r"targets of shape \(3\) per sample do not"),
+        ((np.zeros((4, 8), "float32"), np.zeros((4, 2), "int64")), {}, r"integer labels of shape \(2\) per sample"),
+        (None, {}, "no data: pass data"),
+        ("missing.npz", {}, "data file not found"),
+        (object(), {}, "cannot read data of type object"),
+    ],
+)
+def test_user_errors_are_one_line(zoo, data, options, message):
+    with pytest.raises(DeadNeuronError, match=message) as caught:
+        deadneuron.scan(zoo["mlp"].model, data, **options)
+    assert "\n" not in str(caught.value)
+
+
+def test_task_loss_on_a_model_with_two_outputs_is_refused():
+    inputs = keras.Input((3,))
+    hidden = keras.layers.Dense(4, activation="relu")(inputs)
+    model = keras.Model(inputs, [keras.layers.Dense(2)(hidden), keras.layers.Dense(2)(hidden)])
+    with pytest.raises(DeadNeuronError, match="a model with 2 outputs; a task loss needs one output"):
+        deadneuron.scan(model, (np.zeros((4, 3), "float32"), np.zeros(4, "int64")))
+    assert deadneuron.scan(model, np.ones((4, 3), "float32")).loss == "probe"  # the probe covers every output
+
+
+# ---------------------------------------------------------------------------------------- the model as found
+
+
+def test_model_untouched_after_a_scan(zoo):
+    model = zoo["cnn"].model
+    x = zoo["cnn"].x
+    expected = model.predict(x, verbose=0)  # compiles a predict function before the scan
+    before = state_of(model)
+    deadneuron.scan(model, x, batch_size=32)
+    assert_untouched(before, state_of(model))
+    np.testing.assert_array_equal(model.predict(x, verbose=0), expected)
+    model.predict_function = None  # a function compiled afterwards sees no wrapper either
+    np.testing.assert_array_equal(model.predict(x, verbose=0), expected)
+
+
+@pytest.mark.parametrize("name", ["subclassed", "nested"])
+def test_model_untouched_after_a_failed_scan(zoo, name):
+    model = zoo[name]
+
+    def batches():
+        yield model.x[:8]
+        raise RuntimeError("the data source broke")
+
+    before = state_of(model.model)
+    with pytest.raises(RuntimeError, match="the data source broke"):
+        deadneuron.scan(model.model, batches())
+    assert_untouched(before, state_of(model.model))
+    # and a later scan sees the same sites, once each
+    assert_matches(deadneuron.scan(model.model, model.x), model.sites)
+
+
+def test_adapter_is_chosen_by_model_type(zoo):
+    from deadneuron.api import framework_of
+
+    assert framework_of(zoo["mlp"].model) == "keras"
+    assert framework_of(zoo["subclassed"].model) == "keras"
+
+
+# ------------------------------------------------------------------------------------ fresh processes (slow)
+
+
+@pytest.fixture(scope="module")
+def saved(zoo, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("keras_files")
+    zoo["cnn"].model.save(folder / "cnn.keras")
+    zoo["mlp"].model.save(folder / "mlp.h5")
+    np.save(folder / "cnn_x.npy", zoo["cnn"].x)
+    np.savez(folder / "mlp.npz", x=zoo["mlp"].x, y=np.arange(len(zoo["mlp"].x)) % 4)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_file, data_file, zoo_name, loss", [
+    ("cnn.keras", "cnn_x.npy", "cnn", "probe"),
+    ("mlp.h5", "mlp.npz", "mlp", "ce"),
+])
+def test_cli_scans_saved_files_in_a_fresh_process(zoo, saved, model_file, data_file, zoo_name, loss):
+    result = run_cli("scan", str(saved / model_file), "--data", str(saved / data_file), "--json", "-")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["framework"] == "keras" and data["model"] == model_file and data["loss"] == loss
+    expected = zoo[zoo_name].sites
+    assert [layer["name"] for layer in data["layers"]] == list(expected)
+    for layer in data["layers"]:
+        want = expected[layer["name"]]
+        assert (layer["dead_units"], layer["grad_dead_units"], layer["unit_axis"]) == (
+            want.dead, want.grad_dead, want.unit_axis
+        )
+
+
+@pytest.mark.slow
+def test_cli_inspect_and_refusal(saved, tmp_path):
+    result = run_cli("inspect", str(saved / "cnn.keras"))
+    assert result.returncode == 0, result.stderr
+    assert "3 activation sites" in result.stdout and "conv" in result.stdout
+    result = run_cli("scan", str(saved / "cnn.keras"), "--data", str(saved / "mlp.npz"))
+    assert result.returncode == 2
+    assert last_line(result.stderr).startswith("deadneuron: error: the data's samples have shape (8)")
+
+
+@pytest.mark.slow
+def test_torch_backend_finds_the_same_units(zoo, saved):
+    """A .keras saved under TensorFlow, scanned under KERAS_BACKEND=torch: the same sites and units."""
+    expected = deadneuron.scan(zoo["cnn"].model, zoo["cnn"].x).to_dict()
+    result = run_cli(
+        "scan", str(saved / "cnn.keras"), "--data", str(saved / "cnn_x.npy"), "--json", "-",
+        env={"KERAS_BACKEND": "torch"},
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    keys = ("name", "kind", "units", "unit_axis", "dead_units", "dormant_units", "grad_dead_units")
+    assert [{k: layer[k] for k in keys} for layer in data["layers"]] == [
+        {k: layer[k] for k in keys} for layer in expected["layers"]
+    ]
+    for got, want in zip(data["layers"], expected["layers"], strict=True):
+        assert got["inactive_rate"] == pytest.approx(want["inactive_rate"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_torch_backend_live_models_in_a_fresh_process(tmp_path):
+    """Zoo models built under the torch backend (nn.Modules too) are scanned as Keras, subclassed and nested too."""
+    script = tmp_path / "scan_torch.py"
+    script.write_text(
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(os.path.dirname(os.path.dirname(__file__)))!r})\n"
+        "import torch, deadneuron\n"
+        "from tests import keras_zoo\n"
+        "out = {}\n"
+        "for name in ('subclassed', 'nested', 'channels_first', 'kinds'):\n"
+        "    zoo = keras_zoo.BUILDERS[name]()\n"
+        "    assert isinstance(zoo.model, torch.nn.Module)\n"
+        "    report = deadneuron.scan(zoo.model, zoo.x, batch_size=16)\n"
+        "    ok = [(l.name, l.kind, l.units, l.unit_axis, l.dead_units, l.dormant_units, l.grad_dead_units) ==\n"
+        "          (n, e.kind, e.units, e.unit_axis, e.dead, e.dormant_units, e.grad_dead)\n"
+        "          for l, (n, e) in zip(report.layers, zoo.sites.items())]\n"
+        "    out[name] = [report.framework, len(report.layers) == len(zoo.sites), all(ok)]\n"
+        "print(json.dumps(out))\n"
+    )
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "KERAS_BACKEND": "torch", "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(last_line(result.stdout)) == {
+        name: ["keras", True, True] for name in ("subclassed", "nested", "channels_first", "kinds")
+    }
+
+
+def test_adapter_load_model_refuses_arch(saved):
+    with pytest.raises(DeadNeuronError, match="drop --arch"):
+        adapter.load_model(str(saved / "cnn.keras"), arch="x.py:Net")
