@@ -26,7 +26,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .api import compare, inspect, load_model, scan, swap
-    from .compare import Comparison
+    from .comparison import Comparison
     from .report import LayerReport, Report
 
 _LAZY = {
@@ -37,7 +37,7 @@ _LAZY = {
     "load_model": "api",
     "Report": "report",
     "LayerReport": "report",
-    "Comparison": "compare",
+    "Comparison": "comparison",
 }
 
 

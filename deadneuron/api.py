@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import DeadNeuronError
 
 if TYPE_CHECKING:
+    from .comparison import Comparison
     from .report import Report, SiteInfo
 
 Progress = Callable[[int], None]
@@ -137,21 +138,206 @@ def inspect(model: Any, *, input_shape: Sequence[int] | None = None) -> list[Sit
 LOSSES = ("auto", "ce", "mse", "probe", "none")
 
 
-def compare(model: Any, data: Any = None, *, to: str = "sinerelu", **options: Any) -> Any:
-    """Scan `model` and its SineReLU swap on the same data (issue 5: not built yet)."""
-    from .errors import NotBuiltError
-
-    raise NotBuiltError("compare is not built yet (it lands with the compare/swap work); use scan for now")
+def _swap_module(framework: str) -> ModuleType:
+    adapter(framework)  # the friendly message when the framework is missing
+    return importlib.import_module(f"deadneuron.{framework}.swap")
 
 
-def swap(model: Any, *, to: str = "sinerelu", epsilon: float | None = None, **options: Any) -> Any:
-    """A new model with every ReLU site replaced by SineReLU (issue 5: not built yet)."""
-    from .errors import NotBuiltError
-
-    raise NotBuiltError("swap is not built yet (it lands with the compare/swap work)")
+def _compare_module(framework: str) -> ModuleType:
+    adapter(framework)
+    return importlib.import_module(f"deadneuron.{framework}.compare")
 
 
-def swap_file(model: Any, output: Any, **options: Any) -> str:
-    from .errors import NotBuiltError
+def swap(
+    model: Any,
+    *,
+    to: str = "sinerelu",
+    epsilon: float | None = None,
+    epsilon_conv: float | None = None,
+    epsilon_dense: float | None = None,
+    form: str = "piecewise",
+    include: Sequence[str] | str = ("relu",),
+) -> Any:
+    """A new model with every ReLU site replaced by SineReLU; the original is untouched.
 
-    raise NotBuiltError("swap is not built yet (it lands with the compare/swap work)")
+    Epsilon per site: 0.0025 after convolutions, 0.025 after dense layers (the article's MNIST settings);
+    `epsilon` sets both. `include` adds ReLU6 (`"relu6"`) and leaky ReLUs (`"leaky_relu"`) to the swap.
+    A PyTorch `nn.Module` comes back as an `nn.Module` (functional relu calls swapped too), an
+    `ExportedProgram` as an `ExportedProgram` that runs without deadneuron; a Keras model as a Keras model of the same kind.
+    """
+    from .options import check_to
+
+    check_to(to)
+    return _swap_module(framework_of(model)).swap(
+        model, epsilon=epsilon, epsilon_conv=epsilon_conv, epsilon_dense=epsilon_dense, form=form,
+        include=include,
+    )
+
+
+STATE_DICT_SWAP = (
+    "{path} holds weights only, and a swap changes no weight: SineReLU replaces the activations, which live "
+    "in the code. Swap in code where the model is built: `model = deadneuron.swap(model)` (it also swaps "
+    "functional relu calls); no file was written"
+)
+
+
+def swap_file(
+    model_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    *,
+    to: str = "sinerelu",
+    epsilon: float | None = None,
+    epsilon_conv: float | None = None,
+    epsilon_dense: float | None = None,
+    form: str = "piecewise",
+    include: Sequence[str] | str = ("relu",),
+    arch: str | None = None,
+    unsafe_pickle: bool = False,
+    unsafe_deserialization: bool = False,
+) -> str:
+    """Write a swapped copy of a saved model in the input's format; return what was done, in one line.
+
+    `.pt2` -> `.pt2` that `torch.export.load` reads without deadneuron; `.keras`/`.h5` -> `.keras` (or `.h5`
+    when `output_path` says so) that loads once `deadneuron.keras` is imported. A state dict is refused with
+    the one line that swaps in code (its weights would not change). The input file is never modified.
+    """
+    from .options import check_to, resolve_epsilons
+
+    check_to(to)
+    epsilons = resolve_epsilons(epsilon, epsilon_conv, epsilon_dense)
+    source, target = os.fspath(model_path), os.fspath(output_path)
+    framework = framework_of_path(source)
+    suffix = os.path.splitext(source)[1].lower()
+    out_suffix = os.path.splitext(target)[1].lower()
+    if framework == "torch" and suffix != ".pt2":
+        if not os.path.exists(source):
+            raise DeadNeuronError(f"model file not found: {source}")
+        raise DeadNeuronError(STATE_DICT_SWAP.format(path=source))
+    allowed = (".pt2",) if framework == "torch" else (".keras", ".h5")
+    if out_suffix not in allowed:
+        raise DeadNeuronError(
+            f"cannot write a {suffix} model's swap to {target}; expected an output path ending in "
+            f"{' or '.join(allowed)}"
+        )
+    if os.path.exists(source) and os.path.exists(target) and os.path.samefile(source, target):
+        raise DeadNeuronError(
+            f"{target} is the input file; choose another path (the input is never modified)"
+        )
+    model = load_model(
+        source, arch=arch, unsafe_pickle=unsafe_pickle, unsafe_deserialization=unsafe_deserialization
+    )
+    count = _swap_module(framework).swap_file(
+        model, target, epsilons=epsilons, form=form, include=include
+    )
+    if count == 0:
+        return f"wrote {target}: no ReLU site found in {source}, so the copy computes the same as the input"
+    return (
+        f"wrote {target}: {count} ReLU site{'s' if count != 1 else ''} swapped for SineReLU (epsilon "
+        f"{epsilons['conv']} after convolutions, {epsilons['dense']} after dense layers)"
+    )
+
+
+def compare(
+    model: Any,
+    data: Any = None,
+    *,
+    to: str = "sinerelu",
+    epsilon: float | None = None,
+    epsilon_conv: float | None = None,
+    epsilon_dense: float | None = None,
+    form: str = "piecewise",
+    finetune_steps: int = 0,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    labels: Any = None,
+    loss: str = "auto",
+    atol: float = 0.0,
+    gtol: float = 0.0,
+    unit_axis: int | None = None,
+    samples: int | None = None,
+    input_shape: Sequence[int] | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+    name: str | None = None,
+) -> Comparison:
+    """Scan `model` and its SineReLU swap on the same data; prediction agreement, output drift, and optionally
+    how many formerly dead units `finetune_steps` of training revive under each activation.
+
+    Both scans use the same batches, loss and probe seed, so every difference comes from the swap. With
+    `finetune_steps=K` (labels needed), copies of both models train K steps with Adam(lr) on the same batches,
+    in data order, cycling over the data; `revival` then counts the formerly dead units (dead under ReLU
+    before training) that are no longer dormant after training, for each model.
+    """
+    from .comparison import Comparison
+    from .options import check_to, resolve_epsilons
+
+    check_to(to)
+    epsilons = resolve_epsilons(epsilon, epsilon_conv, epsilon_dense)
+    if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0:
+        raise DeadNeuronError(f"finetune_steps must be an integer >= 0, received {finetune_steps!r}")
+    if finetune_steps and not (isinstance(lr, (int, float)) and lr > 0):
+        raise DeadNeuronError(f"the learning rate must be > 0, received {lr!r}")
+    if loss not in LOSSES:
+        raise DeadNeuronError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
+    if finetune_steps and loss in ("probe", "none"):
+        raise DeadNeuronError(
+            f"fine-tuning trains on the task loss; received loss={loss!r}; use loss='auto', 'ce' or 'mse' "
+            "with labels"
+        )
+    _check_reiterable(data)
+    framework = framework_of(model)
+    glue = _compare_module(framework)
+    swapped = glue.scannable_swap(model, epsilons=epsilons, form=form)
+    shape = glue.sample_shape(model, input_shape)
+    common = dict(batch_size=batch_size, labels=labels, samples=samples, input_shape=shape, seed=seed)
+    scan_options = dict(common, loss=loss, atol=atol, gtol=gtol, unit_axis=unit_axis)
+    display = name or _display_name(model)
+    before = scan(model, data, **scan_options, progress=progress, name=display)
+    after = scan(swapped, data, **scan_options, progress=progress, name=f"{display} ({to})")
+    agreement, drift = glue.predictions(model, swapped, data, **common)
+    revival = None
+    if finetune_steps:
+        trained_relu, trained_swap = glue.finetune(
+            model, swapped, data, steps=finetune_steps, lr=float(lr), loss=loss, **common
+        )
+        relu_after = scan(trained_relu, data, **scan_options, name=display)
+        swap_after = scan(trained_swap, data, **scan_options, name=display)
+        revival = {
+            "steps": finetune_steps,
+            "lr": float(lr),
+            "optimizer": "adam",
+            "batch_size": batch_size,
+            "formerly_dead": before.dead,
+            "revived_relu": _revived(before, relu_after),
+            "revived_sinerelu": _revived(before, swap_after),
+        }
+    return Comparison.build(
+        to=to, epsilon=epsilons, before=before, after=after, agreement=agreement, output_drift=drift,
+        revival=revival,
+    )
+
+
+def _display_name(model: Any) -> str:
+    return "ExportedProgram" if type(model).__name__ == "ExportedProgram" else type(model).__name__
+
+
+def _revived(before: Report, trained: Report) -> int:
+    """Units dead in `before` that are not dormant in `trained` (paired by site order and unit index)."""
+    count = 0
+    for old, new in zip(before.layers, trained.layers, strict=False):
+        if old.units != new.units:
+            continue
+        count += len(set(old.dead_units) - set(new.dormant_units))
+    return count
+
+
+def _check_reiterable(data: Any) -> None:
+    """compare reads the data several times: a one-shot iterator (a generator) is empty the second time."""
+    from collections.abc import Iterator
+
+    if isinstance(data, Iterator):
+        raise DeadNeuronError(
+            f"compare reads the data several times, but a {type(data).__name__} can be read once; expected "
+            "an "
+            "array, a tensor, a path, or a re-iterable loader (a list of batches, a DataLoader)"
+        )

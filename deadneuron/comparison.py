@@ -93,7 +93,7 @@ class Comparison:
             raise ValueError(
                 f"the swapped model has {len(after.layers)} activation sites, the original {len(before.layers)}"
             )
-        sites = [SiteComparison.pair(b, a) for b, a in zip(before.layers, after.layers)]
+        sites = [SiteComparison.pair(b, a) for b, a in zip(before.layers, after.layers, strict=True)]
         return cls(to, dict(epsilon), before, after, agreement, output_drift, revival, sites)
 
     @property

@@ -6,6 +6,7 @@ Framework tensors and loaders pass through `batches()` untouched; the adapters c
 
 from __future__ import annotations
 
+import mmap
 import os
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -136,14 +137,46 @@ def shard(data: Dataset, rank: int, world: int) -> Dataset:
     return Dataset(x=data.x[start:stop], y=y, source=data.source)
 
 
+def _file_region(array: np.ndarray) -> tuple[str, int] | None:
+    """(file, byte offset of array[0]) for a C-contiguous view of a memory map; None for anything else."""
+    if not isinstance(array, np.memmap) or not array.filename or not array.flags.c_contiguous:
+        return None
+    root = array
+    while isinstance(root.base, np.memmap):
+        root = root.base
+    if not isinstance(root.base, mmap.mmap):
+        return None
+    # the root memmap's first byte lies at file offset root.offset
+    return str(array.filename), int(root.offset) + (array.ctypes.data - root.ctypes.data)
+
+
 def array_batches(data: Dataset, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """Batches as contiguous host arrays; a memory-mapped file is read one batch at a time."""
+    """Batches as contiguous host arrays; a memory-mapped file is read one batch at a time.
+
+    Inputs in a memory-mapped file are read with plain file reads rather than through the map: pages touched
+    through a map count in the process's resident memory until the map closes, so peak RSS would grow with the
+    file; read into a fresh buffer, it stays flat.
+    """
     if batch_size <= 0:
         raise DeadNeuronError(f"batch size must be positive, received {batch_size}")
-    for start in range(0, len(data), batch_size):
-        x = np.ascontiguousarray(data.x[start : start + batch_size])
-        y = None if data.y is None else np.ascontiguousarray(data.y[start : start + batch_size])
-        yield x, y
+    region = _file_region(data.x)
+    handle = open(region[0], "rb") if region is not None else None  # noqa: SIM115 (closed in finally)
+    try:
+        row_bytes = data.x.dtype.itemsize * int(np.prod(data.x.shape[1:], dtype=np.int64))
+        for start in range(0, len(data), batch_size):
+            stop = min(start + batch_size, len(data))
+            if handle is not None and region is not None:
+                x = np.empty((stop - start, *data.x.shape[1:]), dtype=data.x.dtype)
+                handle.seek(region[1] + start * row_bytes)
+                if handle.readinto(x.reshape(-1).view(np.uint8).data) != x.nbytes:
+                    raise DeadNeuronError(f"{data.source} ended early (truncated file?)")
+            else:
+                x = np.ascontiguousarray(data.x[start:stop])
+            y = None if data.y is None else np.ascontiguousarray(data.y[start:stop])
+            yield x, y
+    finally:
+        if handle is not None:
+            handle.close()
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:

@@ -134,7 +134,7 @@ def test_lookup_of_unknown_site_lists_the_sites():
 
 
 def test_comparison_pairs_sites_and_measures_revived_gradient():
-    from deadneuron.compare import COMPARISON_SCHEMA, Comparison
+    from deadneuron.comparison import COMPARISON_SCHEMA, Comparison
 
     pre = np.array([[[-1.0], [2.0], [1.0]], [[-2.0], [1.0], [3.0]]])
     before = stats_from_activations(pre, np.array([[[0.0], [1.0], [2.0]]] * 2))

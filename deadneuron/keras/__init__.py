@@ -1,4 +1,3 @@
-"""Keras 3 support: SineReLU and, as they are built, the adapter, loading and the callback.
 
 Importing this package imports Keras (and so registers "deadneuron>SineReLU" for loading); `import deadneuron`
 does not import it.
@@ -14,3 +13,4 @@ __all__ = [
     "sinerelu",
 ]
 
+from .swap import swap as swap  # noqa: E402  (appended export)

@@ -1,0 +1,143 @@
+"""Per-unit statistics of one site, kept as tensors on the model's device and reduced inside hooks.
+
+Each update first reduces a batch to one value per (sample, unit) along the positions (pixels, tokens), then sums
+or maxes over the samples into the running fields of `stats.FIELDS`. Nothing leaves the device until `collect`,
+which moves every site's fields to the host in one transfer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..report import SiteInfo
+from ..stats import COUNTERS, FIELDS, SiteStats
+from .kinds import NONNEGATIVE, SIGN_PRESERVING
+
+_INF = float("inf")
+
+
+def unit_view(t: torch.Tensor, axis: int) -> tuple[torch.Tensor, int]:
+    """`t` as a 3-D (N, U, P) or (N, P, U) tensor and the dim that holds positions; a view whenever the
+    memory layout allows (contiguous maps, channels_last maps, token sequences)."""
+    n, ndim = t.shape[0], t.ndim
+    if ndim == 1:
+        return t.reshape(n, 1, 1), 2
+    units = t.shape[axis]
+    if axis == 1 and (ndim == 2 or t.is_contiguous()):
+        return t.reshape(n, units, -1), 2
+    moved = t.movedim(axis, -1) if axis != ndim - 1 else t
+    return moved.reshape(n, -1, units), 1
+
+
+def _per_sample_inf_norm(view: torch.Tensor, dim: int, nonnegative: bool) -> torch.Tensor:
+    # max |a| per (sample, unit); NaN and Inf propagate, which is how non-finite units are found.
+    return view.amax(dim) if nonnegative else torch.linalg.vector_norm(view, _INF, dim)
+
+
+class SiteAccumulator:
+    """Running statistics of one activation site (one unit axis, one unit count) on one device."""
+
+    def __init__(self, info: SiteInfo, device: torch.device, *, atol: float, gtol: float) -> None:
+        self.info = info
+        self.atol = atol
+        self.gtol = gtol
+        float_dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.fields: dict[str, torch.Tensor] = {
+            name: torch.zeros(
+                info.units, dtype=torch.int64 if dtype == "int64" else float_dtype, device=device
+            )
+            for name, (dtype, _) in FIELDS.items()
+        }
+        self.samples = 0
+        self.grad_samples = 0
+        self.positions = 1
+        self.sign_preserving = info.kind in SIGN_PRESERVING
+        self.nonnegative = info.kind in NONNEGATIVE
+
+    def _check(self, t: torch.Tensor) -> None:
+        units = 1 if t.ndim == 1 else t.shape[self.info.unit_axis]
+        if units != self.info.units:
+            from ..errors import DeadNeuronError
+
+            raise DeadNeuronError(
+                f"site {self.info.name} changed size between batches; expected {self.info.units} units on axis "
+                f"{self.info.unit_axis}, received shape {tuple(t.shape)}; scan batches of one input shape"
+            )
+
+    def pre(self, z: torch.Tensor, valid: int) -> None:
+        """The pre-activation of a batch: counts samples with z > 0 (kinds whose output does not tell)."""
+        if self.sign_preserving:
+            return
+        self._check(z)
+        view, dim = unit_view(z.detach(), self.info.unit_axis)
+        positive = view.amax(dim)[:valid] > 0
+        self.fields["positive"] += positive.sum(0)
+
+    def post(self, a: torch.Tensor, valid: int) -> None:
+        """The output of a batch: fired, max |a|, non-finite, per-sample inactive fraction."""
+        self._check(a)
+        a = a.detach()
+        view, dim = unit_view(a, self.info.unit_axis)
+        positions = view.shape[dim]
+        peak = _per_sample_inf_norm(view, dim, self.nonnegative)[:valid]
+        if self.atol == 0.0:
+            # sign().sum() is about twice as fast as count_nonzero on CPU; exact below 2**24 positions
+            signs = view.sign() if self.nonnegative else view.sign().abs_()
+            nonzero = signs.sum(dim)[:valid]
+        else:
+            nonzero = (view.abs() > self.atol).sum(dim)[:valid]
+        finite = torch.isfinite(peak)
+        nonzero = nonzero.masked_fill(
+            ~finite, positions
+        )  # NaN poisons the sum; such units are nonfinite anyway
+        f = self.fields
+        f["fired"] += (peak > self.atol).sum(0)
+        if self.sign_preserving:
+            high = peak if self.nonnegative else view.amax(dim)[:valid]
+            f["positive"] += (high > 0).sum(0)
+        f["nonfinite"] += (~finite).sum(0)
+        torch.maximum(
+            f["max_abs"], peak.masked_fill(~finite, 0).amax(0).to(f["max_abs"].dtype), out=f["max_abs"]
+        )
+        f["inactive_sum"] += (positions - nonzero).sum(0).to(f["inactive_sum"].dtype) / positions
+        self.samples += valid
+        self.positions = positions
+
+    def grad(self, g: torch.Tensor, valid: int) -> None:
+        """dL/d(pre-activation) of a batch: samples with a nonzero gradient, sum |g|."""
+        view, dim = unit_view(g, self.info.unit_axis)
+        dtype = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None
+        l1 = torch.linalg.vector_norm(view, 1, dim, dtype=dtype)[:valid]
+        if self.gtol == 0.0:
+            nonzero = l1 > 0
+        else:
+            nonzero = torch.linalg.vector_norm(view, _INF, dim, dtype=dtype)[:valid] > self.gtol
+        f = self.fields
+        f["grad_nonzero"] += nonzero.sum(0)
+        f["grad_abs_sum"] += l1.sum(0).to(f["grad_abs_sum"].dtype)
+
+
+def collect(accumulators: Sequence[SiteAccumulator]) -> list[tuple[SiteInfo, SiteStats]]:
+    """Every site's statistics as host arrays, with one device-to-host transfer for all of them."""
+    if not accumulators:
+        return []
+    names = list(FIELDS)
+    # float64 holds counts exactly up to 2**53 samples (MPS has no float64: float32 there).
+    wide = accumulators[0].fields["max_abs"].dtype
+    flat = torch.cat([acc.fields[name].to(wide) for acc in accumulators for name in names])
+    host = flat.cpu().numpy().astype(np.float64)
+    out: list[tuple[SiteInfo, SiteStats]] = []
+    offset = 0
+    for acc in accumulators:
+        arrays: dict[str, Any] = {}
+        for name in names:
+            dtype = FIELDS[name][0]
+            arrays[name] = host[offset : offset + acc.info.units].astype(dtype)
+            offset += acc.info.units
+        counters = {name: getattr(acc, name) for name in COUNTERS}
+        out.append((acc.info, SiteStats(units=acc.info.units, positions=acc.positions, **counters, **arrays)))
+    return out

@@ -1,0 +1,306 @@
+"""What counts as an activation site in PyTorch: module classes, functional calls and aten ops, with their kinds.
+
+A *kind* is the activation's name in reports (`relu`, `relu6`, `leaky_relu`, `gelu`, `sinerelu`, ...). Functional
+calls are recognised by the function object a `TorchFunctionMode` receives; `clamp`/`clip`/`clamp_min` count only
+with a lower bound of exactly 0 and no upper bound (a ReLU spelled as a clamp), `hardtanh` only as (0, 6) (ReLU6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Kinds whose output is > 0 exactly where the pre-activation is > 0 (for positive slopes): "dormant" can be read
+# from the output, which is all that is left after an in-place call.
+SIGN_PRESERVING = frozenset({"relu", "relu6", "leaky_relu", "elu", "celu", "selu"})
+# Kinds whose output is never negative: max |a| is max a.
+NONNEGATIVE = frozenset({"relu", "relu6"})
+
+_MODULE_KINDS: dict[type[nn.Module], str] = {
+    nn.ReLU: "relu",
+    nn.ReLU6: "relu6",
+    nn.LeakyReLU: "leaky_relu",
+    nn.PReLU: "prelu",
+    nn.RReLU: "rrelu",
+    nn.ELU: "elu",
+    nn.CELU: "celu",
+    nn.SELU: "selu",
+    nn.GELU: "gelu",
+    nn.SiLU: "silu",
+    nn.Hardswish: "hardswish",
+    nn.Mish: "mish",
+    nn.Softplus: "softplus",
+}
+
+
+def _sinerelu_class() -> type[nn.Module] | None:
+    """Our SineReLU module, imported lazily; None while `deadneuron.torch.sinerelu` is not there."""
+    try:
+        from .sinerelu import SineReLU
+    except ImportError:
+        return None
+    return SineReLU  # type: ignore[no-any-return]
+
+
+def module_kinds() -> dict[type[nn.Module], str]:
+    kinds = dict(_MODULE_KINDS)
+    sinerelu = _sinerelu_class()
+    if sinerelu is not None:
+        kinds[sinerelu] = "sinerelu"
+    return kinds
+
+
+def module_kind(module: nn.Module, kinds: dict[type[nn.Module], str]) -> str | None:
+    """The kind of an activation module (subclasses included), or None."""
+    for cls in type(module).__mro__:
+        kind = kinds.get(cls)
+        if kind is not None:
+            return kind
+    return None
+
+
+def module_kinds_by_name() -> dict[str, str]:
+    """Kinds keyed by 'module.QualName', as torch.export records classes in `nn_module_stack`."""
+    return {f"{cls.__module__}.{cls.__qualname__}": kind for cls, kind in module_kinds().items()}
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    kind: str
+    label: str  # the name used in site names: `owner.label()`
+    inplace_arg: int | None = None  # position of an `inplace` flag, if the function takes one
+    always_inplace: bool = False
+    check: Callable[[tuple[Any, ...], dict[str, Any]], bool] | None = None  # extra condition on the arguments
+
+
+def _is_zero(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+
+
+def _clamp_is_relu(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    low = kwargs.get("min", args[1] if len(args) > 1 else None)
+    high = kwargs.get("max", args[2] if len(args) > 2 else None)
+    return _is_zero(low) and high is None
+
+
+def _clamp_min_is_relu(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    return _is_zero(kwargs.get("min", args[1] if len(args) > 1 else None))
+
+
+def _hardtanh_is_relu6(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    low = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
+    high = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
+    return _is_zero(low) and high == 6
+
+
+def _functional_specs() -> dict[Any, FunctionSpec]:
+    T = torch.Tensor
+    specs: dict[Any, FunctionSpec] = {
+        F.relu: FunctionSpec("relu", "relu", inplace_arg=1),
+        torch.relu: FunctionSpec("relu", "relu"),
+        T.relu: FunctionSpec("relu", "relu"),
+        torch.relu_: FunctionSpec("relu", "relu", always_inplace=True),
+        T.relu_: FunctionSpec("relu", "relu", always_inplace=True),
+        F.relu6: FunctionSpec("relu6", "relu6", inplace_arg=1),
+        F.hardtanh: FunctionSpec("relu6", "relu6", inplace_arg=3, check=_hardtanh_is_relu6),
+        F.leaky_relu: FunctionSpec("leaky_relu", "leaky_relu", inplace_arg=2),
+        F.leaky_relu_: FunctionSpec("leaky_relu", "leaky_relu", always_inplace=True),
+        F.prelu: FunctionSpec("prelu", "prelu"),
+        torch.prelu: FunctionSpec("prelu", "prelu"),
+        F.elu: FunctionSpec("elu", "elu", inplace_arg=2),
+        F.elu_: FunctionSpec("elu", "elu", always_inplace=True),
+        F.celu: FunctionSpec("celu", "celu", inplace_arg=2),
+        F.selu: FunctionSpec("selu", "selu", inplace_arg=1),
+        torch.selu: FunctionSpec("selu", "selu"),
+        F.gelu: FunctionSpec("gelu", "gelu"),
+        F.silu: FunctionSpec("silu", "silu", inplace_arg=1),
+        F.hardswish: FunctionSpec("hardswish", "hardswish", inplace_arg=1),
+        F.mish: FunctionSpec("mish", "mish", inplace_arg=1),
+        F.softplus: FunctionSpec("softplus", "softplus"),
+    }
+    fn: Any
+    for fn in (torch.clamp, T.clamp, torch.clip, T.clip):
+        specs[fn] = FunctionSpec("relu", fn.__name__, check=_clamp_is_relu)
+    for fn in (torch.clamp_, T.clamp_, torch.clip_, T.clip_):
+        specs[fn] = FunctionSpec("relu", fn.__name__.rstrip("_"), always_inplace=True, check=_clamp_is_relu)
+    for fn in (torch.clamp_min, T.clamp_min):
+        specs[fn] = FunctionSpec("relu", "clamp_min", check=_clamp_min_is_relu)
+    for fn in (torch.clamp_min_, T.clamp_min_):
+        specs[fn] = FunctionSpec("relu", "clamp_min", always_inplace=True, check=_clamp_min_is_relu)
+    return specs
+
+
+def _aten_specs() -> dict[Any, FunctionSpec]:
+    """Activation ops as they appear in torch.export graphs, keyed by overload packet."""
+    aten = torch.ops.aten
+    plain = {
+        "relu": "relu",
+        "relu6": "relu6",
+        "leaky_relu": "leaky_relu",
+        "prelu": "prelu",
+        "_prelu_kernel": "prelu",
+        "rrelu": "rrelu",
+        "elu": "elu",
+        "celu": "celu",
+        "selu": "selu",
+        "gelu": "gelu",
+        "silu": "silu",
+        "hardswish": "hardswish",
+        "mish": "mish",
+        "softplus": "softplus",
+    }
+    specs: dict[Any, FunctionSpec] = {}
+    for op, kind in plain.items():
+        label = op.lstrip("_").replace("_kernel", "")
+        specs[getattr(aten, op)] = FunctionSpec(kind, label)
+        if hasattr(aten, op + "_"):
+            specs[getattr(aten, op + "_")] = FunctionSpec(kind, label, always_inplace=True)
+    specs[aten.hardtanh] = FunctionSpec("relu6", "relu6", check=_hardtanh_is_relu6)
+    specs[aten.hardtanh_] = FunctionSpec("relu6", "relu6", always_inplace=True, check=_hardtanh_is_relu6)
+    specs[aten.clamp] = FunctionSpec("relu", "clamp", check=_clamp_is_relu)
+    specs[aten.clamp_] = FunctionSpec("relu", "clamp", always_inplace=True, check=_clamp_is_relu)
+    specs[aten.clamp_min] = FunctionSpec("relu", "clamp_min", check=_clamp_min_is_relu)
+    specs[aten.clamp_min_] = FunctionSpec("relu", "clamp_min", always_inplace=True, check=_clamp_min_is_relu)
+    return specs
+
+
+FUNCTIONAL = _functional_specs()
+ATEN = _aten_specs()
+
+
+def function_spec(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> FunctionSpec | None:
+    """The spec of an activation call, or None when `func(*args, **kwargs)` is not one."""
+    try:
+        spec = FUNCTIONAL.get(func)
+    except TypeError:  # unhashable callables
+        return None
+    if spec is None:
+        packet = getattr(func, "overloadpacket", None)
+        if packet is None:
+            return None
+        spec = ATEN.get(packet)
+        if spec is None:
+            return None
+    if spec.check is not None and not spec.check(args, kwargs):
+        return None
+    return spec
+
+
+def is_inplace(spec: FunctionSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    if spec.always_inplace:
+        return True
+    if spec.inplace_arg is None:
+        return False
+    if "inplace" in kwargs:
+        return bool(kwargs["inplace"])
+    return len(args) > spec.inplace_arg and args[spec.inplace_arg] is True
+
+
+# Which axis holds units in a 3-D activation: the last op that shaped the tensor says. Conv/BatchNorm-style ops
+# produce (N, C, L) maps (channels, axis 1); Linear/attention/LayerNorm produce (N, L, D) tokens (last axis).
+CHANNELS = "channels"
+TOKENS = "tokens"
+
+
+def _layout_producers() -> dict[Any, str]:
+    channels = [
+        F.conv1d,
+        F.conv2d,
+        F.conv3d,
+        F.conv_transpose1d,
+        F.conv_transpose2d,
+        F.conv_transpose3d,
+        F.batch_norm,
+        F.instance_norm,
+        F.group_norm,
+        F.max_pool1d,
+        F.avg_pool1d,
+        F.adaptive_avg_pool1d,
+        F.adaptive_max_pool1d,
+        torch.conv1d,
+        torch.conv2d,
+        torch.conv3d,
+        torch.batch_norm,
+    ]
+    tokens = [
+        F.linear,
+        F.bilinear,
+        torch.matmul,
+        torch.Tensor.matmul,
+        torch.bmm,
+        torch.Tensor.bmm,
+        torch.baddbmm,
+        torch.addmm,
+        F.layer_norm,
+        F.embedding,
+        F.scaled_dot_product_attention,
+        F.multi_head_attention_forward,
+    ]
+    if hasattr(F, "rms_norm"):
+        tokens.append(F.rms_norm)
+    table: dict[Any, str] = {fn: CHANNELS for fn in channels}
+    table.update({fn: TOKENS for fn in tokens})
+    aten = torch.ops.aten
+    for op in (
+        "convolution",
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "conv_transpose1d",
+        "conv_transpose2d",
+        "batch_norm",
+        "_native_batch_norm_legit_no_training",
+        "native_batch_norm",
+        "group_norm",
+        "instance_norm",
+        "max_pool1d",
+        "avg_pool1d",
+    ):
+        if hasattr(aten, op):
+            table[getattr(aten, op)] = CHANNELS
+    for op in (
+        "linear",
+        "addmm",
+        "mm",
+        "bmm",
+        "matmul",
+        "baddbmm",
+        "layer_norm",
+        "native_layer_norm",
+        "embedding",
+        "scaled_dot_product_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "rms_norm",
+    ):
+        if hasattr(aten, op):
+            table[getattr(aten, op)] = TOKENS
+    return table
+
+
+LAYOUT_PRODUCERS = _layout_producers()
+
+
+def producer_layout(func: Any) -> str | None:
+    try:
+        layout = LAYOUT_PRODUCERS.get(func)
+    except TypeError:
+        return None
+    if layout is None:
+        packet = getattr(func, "overloadpacket", None)
+        if packet is not None:
+            layout = LAYOUT_PRODUCERS.get(packet)
+    return layout
+
+
+def default_unit_axis(ndim: int, layout: str | None) -> int:
+    """design.md: axis 1 for conv maps and 2-D outputs; the last axis for (N, L, D) token sequences."""
+    if ndim <= 1:
+        return 0
+    if ndim == 3 and layout == TOKENS:
+        return 2
+    return 1

@@ -1,0 +1,355 @@
+"""Finding and watching activation sites of a PyTorch model while it runs.
+
+Two mechanisms, one `SiteWatcher`:
+- activation modules (`nn.ReLU`, ..., SineReLU) get a forward pre-hook, which sees the pre-activation even for
+  `inplace=True` and registers the gradient hook on it, and a forward hook, which sees the output;
+- functional calls (`F.relu`, `torch.relu`, `Tensor.relu_`, `clamp(min=0)`, the aten ops of an exported graph)
+  are caught by a `TorchFunctionMode` active only during the model's forward pass. Calls made inside an
+  activation module's own forward are the module's site, never a second one.
+
+Site names (design.md: one site per call, in order of first execution):
+- a module site is the module's qualified name (`layer1.0.relu`); its second call in one forward pass is
+  `layer1.0.relu#2`, and so on;
+- a functional site is the qualified name of the module whose `forward` made the call, a dot and the function
+  with parentheses (`layer1.0.relu()`, `encoder.layers.0.relu()`, `clamp()` at the root); repeated calls from the
+  same module count up the same way (`relu()#2`). Trailing underscores are dropped (`relu_` -> `relu()`).
+- in a torch.export graph the same names are rebuilt from each node's `nn_module_stack`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..errors import DeadNeuronError
+from ..report import SiteInfo
+from .accumulate import SiteAccumulator
+from .kinds import (
+    default_unit_axis,
+    function_spec,
+    is_inplace,
+    module_kind,
+    module_kinds,
+    module_kinds_by_name,
+    producer_layout,
+)
+
+# dL/d(pre-activation) from the output alone, for in-place calls on views (their input's hook never fires).
+_OUTPUT_DERIVATIVE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": lambda out: out > 0,
+    "relu6": lambda out: (out > 0) & (out < 6),
+}
+
+
+class _Token:
+    __slots__ = ("acc", "output_grad")
+
+    def __init__(self, acc: SiteAccumulator, output_grad: bool) -> None:
+        self.acc = acc
+        self.output_grad = output_grad
+
+
+class SiteWatcher:
+    """Hooks every activation site of `model`; `remove()` (also via `with`) takes every hook off and may run twice.
+
+    `graph_names`: for a graph module from torch.export, the names of its activation nodes in graph order (the
+    k-th activation op executed is the k-th node).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        atol: float,
+        gtol: float,
+        unit_axis: int | None,
+        gradients: bool,
+        graph_names: Sequence[str] | None = None,
+        unobserved: Sequence[str] = (),
+    ) -> None:
+        self.model = model
+        self.atol = atol
+        self.gtol = gtol
+        self.unit_axis = unit_axis
+        self.gradients = gradients
+        self.graph_names = list(graph_names) if graph_names is not None else None
+        self.accumulators: dict[str, SiteAccumulator] = {}  # insertion order is order of first execution
+        self.unobserved: list[str] = list(unobserved)
+        self.warnings: list[str] = []
+        self._names = {id(module): name for name, module in model.named_modules()}
+        self._handles: list[Any] = []
+        self.busy = False  # our own tensor work inside hooks is not the model's
+        self._begin(0, 0)
+
+    # lifecycle --------------------------------------------------------------------------------------------------
+    def __enter__(self) -> SiteWatcher:
+        self.attach()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def attach(self) -> None:
+        kinds = module_kinds()
+        try:
+            for name, module in self.model.named_modules():
+                if isinstance(module, torch.jit.ScriptModule):
+                    self._unobserve(name or type(module).__name__, "TorchScript module: it takes no hooks")
+                    continue
+                if getattr(module, "_orig_mod", None) is not None and module is not self.model:
+                    self._unobserve(name, "torch.compile'd module: hooks do not fire on compiled calls")
+                kind = module_kind(module, kinds)
+                if kind is None:
+                    continue
+                site = name or kind
+                self._handles.append(module.register_forward_pre_hook(partial(self._module_pre, site, kind)))
+                self._handles.append(module.register_forward_hook(partial(self._module_post, site)))
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def _begin(self, n: int, valid: int) -> None:
+        self.n = n
+        self.valid = valid
+        self.calls: Counter[str] = Counter()
+        self.depth = 0  # > 0 while inside an activation module's forward
+        self.layout: str | None = None  # what shaped the latest tensor: conv-like or linear-like
+        self.graph_index = 0
+        self._pending: list[_Token | None] = []
+
+    @contextmanager
+    def forward(self, n: int, valid: int) -> Iterator[None]:
+        """Watch one forward pass of a batch of `n` samples of which the first `valid` are real (the rest pad)."""
+        self._begin(n, valid)
+        with _FunctionalSites(self):
+            yield
+
+    # sites ------------------------------------------------------------------------------------------------------
+    def _unobserve(self, name: str, why: str) -> None:
+        entry = f"{name} ({why})"
+        if entry not in self.unobserved:
+            self.unobserved.append(entry)
+
+    def _warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+    def _call_name(self, base: str) -> str:
+        self.calls[base] += 1
+        k = self.calls[base]
+        return base if k == 1 else f"{base}#{k}"
+
+    def _new_site(self, name: str, kind: str, z: torch.Tensor) -> SiteAccumulator:
+        if self.unit_axis is None:
+            axis = default_unit_axis(z.ndim, self.layout)
+        else:
+            if not -z.ndim <= self.unit_axis < z.ndim or (z.ndim > 1 and self.unit_axis % z.ndim == 0):
+                raise DeadNeuronError(
+                    f"unit_axis {self.unit_axis} does not fit site {name}: its activations have shape "
+                    f"{tuple(z.shape)}; expected an axis between 1 and {z.ndim - 1} (axis 0 is the batch)"
+                )
+            axis = self.unit_axis % z.ndim
+        units = 1 if z.ndim == 1 else int(z.shape[axis])
+        acc = SiteAccumulator(SiteInfo(name, kind, units, axis), z.device, atol=self.atol, gtol=self.gtol)
+        self.accumulators[name] = acc
+        return acc
+
+    def before(self, name: str, kind: str, z: torch.Tensor, inplace: bool) -> _Token | None:
+        """At a site, before the activation runs: the pre-activation statistics and the gradient hook."""
+        self.busy = True
+        try:
+            if z.ndim == 0 or z.shape[0] != self.n:
+                self._unobserve(name, f"its first axis is not the batch: shape {tuple(z.shape)}")
+                return None
+            acc = self.accumulators.get(name) or self._new_site(name, kind, z)
+            acc.pre(z, self.valid)
+            output_grad = False
+            if self.gradients:
+                if not z.requires_grad:
+                    self._warn(
+                        f"no gradient reaches {name}: its input does not depend on the inputs or on any "
+                        "trainable parameter"
+                    )
+                elif inplace and z._base is not None:
+                    # An in-place call on a view never fires a hook on its input (field notes): take the
+                    # output's gradient times the derivative read from the output.
+                    if kind in _OUTPUT_DERIVATIVE:
+                        output_grad = True
+                    else:
+                        self._warn(f"gradient of {name} not observed: an in-place {kind} on a view")
+                else:
+                    z.register_hook(partial(_grad_hook, acc, self.valid))
+                    acc.grad_samples += self.valid
+            return _Token(acc, output_grad)
+        finally:
+            self.busy = False
+
+    def after(self, token: _Token | None, out: Any) -> None:
+        if token is None or not isinstance(out, torch.Tensor):
+            return
+        self.busy = True
+        try:
+            token.acc.post(out, self.valid)
+            if token.output_grad:
+                # The gradient reaches the modified region through the view's base, whether the model goes on
+                # with the base or with the view: hook the base and cut the view's region out of its gradient.
+                base = out._base
+                if base is not None and base.requires_grad and base.is_contiguous():
+                    base.register_hook(
+                        partial(
+                            _view_grad_hook,
+                            token.acc,
+                            self.valid,
+                            out,
+                            int(out.storage_offset() - base.storage_offset()),
+                        )
+                    )
+                    token.acc.grad_samples += self.valid
+                else:
+                    self._warn(
+                        f"gradient of {token.acc.info.name} not observed: an in-place "
+                        f"{token.acc.info.kind} on a view of a non-contiguous tensor"
+                    )
+        finally:
+            self.busy = False
+
+    # module hooks -----------------------------------------------------------------------------------------------
+    def _module_pre(self, site: str, kind: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self.depth += 1
+        token = None
+        if args and isinstance(args[0], torch.Tensor):
+            token = self.before(self._call_name(site), kind, args[0], bool(getattr(module, "inplace", False)))
+        self._pending.append(token)
+
+    def _module_post(self, site: str, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self.depth = max(self.depth - 1, 0)
+        token = self._pending.pop() if self._pending else None
+        self.after(token, output)
+
+    # functional calls -------------------------------------------------------------------------------------------
+    def functional_name(self, label: str) -> str:
+        if self.graph_names is not None and self.graph_index < len(self.graph_names):
+            name = self.graph_names[self.graph_index]
+            self.graph_index += 1
+            return name
+        owner = self._owner()
+        return self._call_name(f"{owner}.{label}()" if owner else f"{label}()")
+
+    def _owner(self) -> str:
+        """Qualified name of the innermost module whose code is on the stack (the caller of the function)."""
+        frame = sys._getframe(2)
+        while frame is not None:
+            obj = frame.f_locals.get("self")
+            if obj is not None:
+                name = self._names.get(id(obj))
+                if name is not None:
+                    return name
+            frame = frame.f_back  # type: ignore[assignment]
+        return ""
+
+    def collect_infos(self) -> list[SiteInfo]:
+        return [acc.info for acc in self.accumulators.values()]
+
+
+def _grad_hook(acc: SiteAccumulator, valid: int, grad: torch.Tensor) -> None:
+    with torch.no_grad():
+        acc.grad(grad, valid)
+
+
+def _view_grad_hook(
+    acc: SiteAccumulator, valid: int, out: torch.Tensor, offset: int, grad: torch.Tensor
+) -> None:
+    with torch.no_grad():
+        region = grad.contiguous().as_strided(out.size(), out.stride(), offset)
+        acc.grad(region * _OUTPUT_DERIVATIVE[acc.info.kind](out), valid)
+
+
+class _FunctionalSites(TorchFunctionMode):
+    """Catches functional activation calls during a forward pass and remembers what shaped the last tensor."""
+
+    def __init__(self, watcher: SiteWatcher) -> None:
+        super().__init__()
+        self.watcher = watcher
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        watcher = self.watcher
+        if watcher.busy or watcher.depth:
+            return func(*args, **kwargs)
+        layout = producer_layout(func)
+        if layout is not None:
+            watcher.layout = layout
+            return func(*args, **kwargs)
+        spec = function_spec(func, args, kwargs)
+        if spec is None or not args or not isinstance(args[0], torch.Tensor):
+            return func(*args, **kwargs)
+        token = watcher.before(
+            watcher.functional_name(spec.label), spec.kind, args[0], is_inplace(spec, args, kwargs)
+        )
+        out = func(*args, **kwargs)
+        watcher.after(token, out)
+        return out
+
+
+# torch.export graphs --------------------------------------------------------------------------------------------
+def graph_sites(graph_module: torch.fx.GraphModule) -> tuple[list[str], list[str]]:
+    """Names of the activation nodes of an exported graph in execution order, and what cannot be observed."""
+    by_class = module_kinds_by_name()
+    names: list[str] = []
+    counts: Counter[str] = Counter()
+    activation_paths: dict[str, str] = {}  # path of an activation module -> its class name
+    seen_paths: set[str] = set()
+    unobserved: list[str] = []
+    for node in graph_module.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        entries = list(stack.values())
+        for path, cls in entries:
+            cls_name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+            if cls_name in by_class:
+                activation_paths.setdefault(path, cls_name)
+        if node.op != "call_function":
+            continue
+        target_name = str(node.target)
+        if "transformer_encoder_layer_fwd" in target_name:
+            owner = entries[-1][0] if entries else ""
+            unobserved.append(
+                f"{owner or 'root'} (fused transformer fast path: its activation is not in the graph; "
+                "export with torch.backends.mha.set_fastpath_enabled(False))"
+            )
+            continue
+        args = tuple(node.args)
+        spec = function_spec(node.target, args, dict(node.kwargs))
+        if spec is None:
+            continue
+        path, cls = entries[-1] if entries else ("", "")
+        cls_name = (
+            cls
+            if isinstance(cls, str)
+            else f"{getattr(cls, '__module__', '')}.{getattr(cls, '__qualname__', '')}"
+        )
+        if cls_name in by_class:
+            base = path or by_class[cls_name]
+            seen_paths.add(path)
+        else:
+            base = f"{path}.{spec.label}()" if path else f"{spec.label}()"
+        counts[base] += 1
+        names.append(base if counts[base] == 1 else f"{base}#{counts[base]}")
+    for path, cls_name in activation_paths.items():
+        if path not in seen_paths:
+            kind = by_class[cls_name]
+            unobserved.append(f"{path} ({kind} module decomposed into primitive ops in the exported graph)")
+    return names, unobserved

@@ -1,0 +1,500 @@
+"""Swapping ReLU for SineReLU in a PyTorch model: a new model, the original untouched (design.md, issue 5).
+
+Three kinds of model, three mechanisms:
+- An eager `nn.Module` is deep-copied. Every activation module of a swapped kind (`nn.ReLU`, in-place or not;
+  `nn.ReLU6`/`nn.LeakyReLU` on request) is replaced by a `SineReLU` with the same `inplace` flag, in one
+  recursive
+  pass that replaces a child only where it changes (a module shared by two parents stays shared). Functional
+  calls
+  (`F.relu`, `torch.relu`, `Tensor.relu`/`relu_`, `clamp(min=0)`, ...) cannot be edited out of the model's
+  code:
+  the copy's `forward` is wrapped on the instance so that every call of it runs under a `TorchFunctionMode`
+  that
+  sends those calls to SineReLU. The swapped model therefore works when called normally, with no context
+  manager.
+  The functional calls go through two SineReLU modules registered on the copy as `functional_sinerelu.conv`
+  and
+  `.dense`, so that scans see them as SineReLU sites (one site per call, in order).
+- A graph module from `torch.export` (`ExportedProgram.module()`) gets its activation nodes replaced by calls
+  of
+  `SineReLU` submodules registered at the activation's module path (`relu1`), so site names are unchanged.
+- An `ExportedProgram` gets its activation nodes rewritten into the SineReLU formula written with aten ops
+  (`where(z > 0, z, eps*sqrt(2)*sin(min(z, 0) - pi/4))`), so the program saved with `torch.export.save` loads
+  and
+  runs with plain `torch.export.load`, without deadneuron installed.
+
+Epsilon per site (design.md: the article's 0.0025 after convolutions, 0.025 after dense layers). "After"
+means:
+- for a module site, the nearest Conv/Linear module before it in the model's registration order
+  (`named_modules()`); for functional calls, the last convolution or linear function executed before the call;
+  in a graph, the last convolution or linear node before the activation node;
+- with no convolution or linear layer before a site, the first one after it decides; with none at all, the
+  conv
+  value (SineReLU's default, 0.0025).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import types
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..options import check_include, check_to, resolve_epsilons
+from ..errors import DeadNeuronError
+from ..reference import Form, check_form
+from .kinds import function_spec, is_inplace, module_kind, module_kinds
+from .sinerelu import SineReLU
+
+__all__ = ["swap", "swap_module", "swap_graph_module", "swap_exported", "site_epsilons"]
+
+FUNCTIONAL_NAME = "functional_sinerelu"
+_QUARTER_PI = math.pi / 4
+
+_CONV_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+_DENSE_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Bilinear)
+
+
+def _layer_functions() -> dict[Any, str]:
+    """Functions (eager and aten) after which an activation is 'after a conv' or 'after a dense layer'."""
+    F = torch.nn.functional
+    table: dict[Any, str] = {}
+    conv_functions: tuple[Any, ...] = (
+        F.conv1d,
+        F.conv2d,
+        F.conv3d,
+        F.conv_transpose1d,
+        F.conv_transpose2d,
+        F.conv_transpose3d,
+        torch.conv1d,
+        torch.conv2d,
+        torch.conv3d,
+    )
+    dense_functions: tuple[Any, ...] = (
+        F.linear, F.bilinear, torch.addmm, torch.matmul, torch.Tensor.matmul, torch.mm, torch.bmm
+    )
+    table.update({fn: "conv" for fn in conv_functions})
+    table.update({fn: "dense" for fn in dense_functions})
+    aten = torch.ops.aten
+    for op in (
+        "convolution",
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "conv_transpose1d",
+        "conv_transpose2d",
+        "conv_transpose3d",
+        "_convolution",
+        "mkldnn_convolution",
+    ):
+        if hasattr(aten, op):
+            table[getattr(aten, op)] = "conv"
+    for op in ("linear", "addmm", "mm", "bmm", "matmul", "bilinear"):
+        if hasattr(aten, op):
+            table[getattr(aten, op)] = "dense"
+    return table
+
+
+_LAYER_FUNCTIONS = _layer_functions()
+
+
+def _layer_of(func: Any) -> str | None:
+    try:
+        layer = _LAYER_FUNCTIONS.get(func)
+    except TypeError:  # unhashable callables
+        return None
+    if layer is None:
+        packet = getattr(func, "overloadpacket", None)
+        if packet is not None:
+            layer = _LAYER_FUNCTIONS.get(packet)
+    return layer
+
+
+def _nearest(layers: Sequence[str | None], index: int) -> str:
+    """The layer kind deciding the epsilon of the site at `index`: the last before, else the first after."""
+    for layer in reversed(layers[:index]):
+        if layer is not None:
+            return layer
+    for layer in layers[index + 1 :]:
+        if layer is not None:
+            return layer
+    return "conv"
+
+
+@dataclass
+class _Options:
+    epsilons: dict[str, float]
+    form: Form
+    include: tuple[str, ...]
+
+
+def _options(
+    epsilon: float | None, epsilon_conv: float | None, epsilon_dense: float | None, form: str, include: Any
+) -> _Options:
+    return _Options(
+        resolve_epsilons(epsilon, epsilon_conv, epsilon_dense),
+        check_form(form),  # type: ignore[arg-type]
+        check_include(include),
+    )
+
+
+def swap(
+    model: Any,
+    *,
+    to: str = "sinerelu",
+    epsilon: float | None = None,
+    epsilon_conv: float | None = None,
+    epsilon_dense: float | None = None,
+    form: Form = "piecewise",
+    include: Sequence[str] | str = ("relu",),
+) -> Any:
+    """A new model with every ReLU site replaced by SineReLU; `model` is left as it was.
+
+    An `nn.Module` gives an `nn.Module`, an `ExportedProgram` gives an `ExportedProgram` that runs without
+    deadneuron, a torch.export graph module gives a graph module.
+    """
+    check_to(to)
+    options = _options(epsilon, epsilon_conv, epsilon_dense, form, include)
+    if isinstance(model, torch.export.ExportedProgram):
+        return swap_exported(model, options)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise DeadNeuronError(
+            "cannot swap activations inside a TorchScript module; expected an nn.Module or a torch.export "
+            "program: swap the eager model, or re-export it with torch.export.export(model, example_inputs)"
+        )
+    if not isinstance(model, nn.Module):
+        raise DeadNeuronError(
+            f"cannot swap a {type(model).__name__}; expected a torch.nn.Module or an ExportedProgram"
+        )
+    original = getattr(model, "_orig_mod", None)
+    if isinstance(
+        original, nn.Module
+    ):  # torch.compile: swap the module it compiled; compile the result again
+        model = original
+    if isinstance(model, torch.fx.GraphModule) and _graph_activation_nodes(model.graph, options.include):
+        return swap_graph_module(model, options)
+    return swap_module(model, options)
+
+
+def _copy(model: Any) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's pytree deprecation noise when copying graphs
+        return copy.deepcopy(model)
+
+
+# Eager modules
+# --------------------------------------------------------------------------------------------------
+def site_epsilons(model: nn.Module, options: _Options) -> dict[str, float]:
+    """The epsilon each activation module of `model` gets, by qualified name (the registration-order rule)."""
+    kinds = module_kinds()
+    entries = list(model.named_modules())
+    layers: list[str | None] = [
+        "conv" if isinstance(m, _CONV_MODULES) else "dense" if isinstance(m, _DENSE_MODULES) else None
+        for _, m in entries
+    ]
+    chosen: dict[str, float] = {}
+    for index, (name, module) in enumerate(entries):
+        if module_kind(module, kinds) in options.include:
+            chosen[name] = options.epsilons[_nearest(layers, index)]
+    return chosen
+
+
+def swap_module(model: nn.Module, options: _Options) -> nn.Module:
+    swapped = _copy(model)
+    kinds = module_kinds()
+    by_id = {
+        id(m): eps
+        for name, eps in site_epsilons(swapped, options).items()
+        for m in [swapped.get_submodule(name)]
+    }
+    replaced: dict[int, nn.Module] = {}
+
+    def replacement(module: nn.Module) -> nn.Module | None:
+        if id(module) in replaced:
+            return replaced[id(module)]
+        if id(module) not in by_id or module_kind(module, kinds) not in options.include:
+            return None
+        new = SineReLU(by_id[id(module)], options.form, inplace=bool(getattr(module, "inplace", False)))
+        new.train(module.training)
+        replaced[id(module)] = new
+        return new
+
+    def visit(parent: nn.Module) -> None:
+        for name, child in list(parent.named_children()):
+            new = replacement(child)
+            if new is not None:
+                setattr(parent, name, new)
+            else:
+                _swap_activation_attribute(child, options)
+                visit(child)
+
+    root = replacement(swapped)
+    if root is not None:  # the model is itself a ReLU
+        return root
+    visit(swapped)
+    _install_functional(swapped, options)
+    return swapped
+
+
+def _swap_activation_attribute(module: nn.Module, options: _Options) -> None:
+    """`nn.TransformerEncoderLayer`/`DecoderLayer` keep `activation=F.relu` as a plain function attribute
+    and, in eval mode without gradients, take a fused fast path that never calls it. Make it a SineReLU module
+    (a site named `layer.activation`, epsilon of a dense layer: it follows `linear1`); no fast path."""
+    activation = module.__dict__.get("activation")
+    spec = function_spec(activation, (), {}) if callable(activation) else None
+    if spec is None or spec.kind not in options.include or isinstance(activation, nn.Module):
+        return
+    del module.activation
+    module.activation = SineReLU(options.epsilons["dense"], options.form)
+    if hasattr(module, "activation_relu_or_gelu"):
+        setattr(module, "activation_relu_or_gelu", 0)  # noqa: B010  (typed as a Module attribute)
+
+
+class _Functional:
+    """What the wrapped forward of a swapped module needs; deep-copied with the module (its `inner` too)."""
+
+    def __init__(self, include: tuple[str, ...], attribute: str, inner: Any) -> None:
+        self.include = include
+        self.attribute = attribute  # where the SineReLU modules for functional calls live on the model
+        self.inner = inner  # an instance-level forward the model had before the swap, or None
+
+
+def _install_functional(model: nn.Module, options: _Options) -> None:
+    attribute = FUNCTIONAL_NAME
+    k = 2
+    while hasattr(model, attribute):
+        attribute, k = f"{FUNCTIONAL_NAME}_{k}", k + 1
+    model.add_module(
+        attribute,
+        nn.ModuleDict(
+            {layer: SineReLU(options.epsilons[layer], options.form) for layer in ("conv", "dense")}
+        ),
+    )
+    inner = model.__dict__.get("forward")
+    model._deadneuron_functional = _Functional(options.include, attribute, inner)  # type: ignore[assignment]
+    # A bound method: `copy.deepcopy` rebinds it to the copy, so copies of the swapped model stay swapped.
+    model.forward = types.MethodType(_swapped_forward, model)  # type: ignore[method-assign]
+
+
+def _swapped_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    config: _Functional = self._deadneuron_functional  # type: ignore[assignment]
+    forward = config.inner if config.inner is not None else types.MethodType(type(self).forward, self)
+    with _FunctionalSwap(getattr(self, config.attribute), config.include):
+        return forward(*args, **kwargs)
+
+
+class _FunctionalSwap(TorchFunctionMode):
+    """Sends functional ReLU calls to SineReLU modules while the swapped model's forward runs.
+
+    Calls with `out=` are never the model's activations (SineReLU's own kernels write through `out=`), and
+    activation modules of a swapped kind were all replaced, so no activation is handled twice.
+    """
+
+    def __init__(self, modules: nn.ModuleDict, include: tuple[str, ...]) -> None:
+        super().__init__()
+        self.sites = modules
+        self.include = include
+        self.last: str | None = None  # "conv" or "dense": the last such function executed
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        layer = _layer_of(func)
+        if layer is not None:
+            self.last = layer
+            return func(*args, **kwargs)
+        if kwargs.get("out") is not None or not args or not isinstance(args[0], torch.Tensor):
+            return func(*args, **kwargs)
+        spec = function_spec(func, args, kwargs)
+        if spec is None or spec.kind not in self.include or not args[0].is_floating_point():
+            return func(*args, **kwargs)
+        site = self.sites[self.last or "conv"]
+        x = args[0]
+        if is_inplace(spec, args, kwargs):
+            # In place under autograd: compute on a copy of the input, then write into it (field notes).
+            return x.copy_(site(x.clone()))
+        return site(x)
+
+
+# Graphs from torch.export
+# ---------------------------------------------------------------------------------------
+def _graph_activation_nodes(graph: torch.fx.Graph, include: tuple[str, ...]) -> list[torch.fx.Node]:
+    found = []
+    for node in graph.nodes:
+        if node.op != "call_function" or getattr(node.target, "overloadpacket", None) is None:
+            continue
+        spec = function_spec(node.target, tuple(node.args), dict(node.kwargs))
+        if spec is not None and spec.kind in include:
+            found.append(node)
+    return found
+
+
+def _graph_epsilons(
+    graph: torch.fx.Graph, nodes: list[torch.fx.Node], options: _Options
+) -> dict[torch.fx.Node, float]:
+    order = list(graph.nodes)
+    layers = [_layer_of(n.target) if n.op == "call_function" else None for n in order]
+    position = {n: i for i, n in enumerate(order)}
+    return {n: options.epsilons[_nearest(layers, position[n])] for n in nodes}
+
+
+def _activation_entry(node: torch.fx.Node) -> tuple[str, str] | None:
+    """The (path, class) of the activation module that made this node, from `nn_module_stack`, if any."""
+    from .kinds import module_kinds_by_name
+
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    path, cls = list(stack.values())[-1]
+    name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+    return (path, name) if name in module_kinds_by_name() else None
+
+
+def _without_activation_entry(node: torch.fx.Node) -> dict[str, Any]:
+    stack = dict(node.meta.get("nn_module_stack") or {})
+    if _activation_entry(node) is not None:
+        stack.pop(list(stack)[-1])
+    return stack
+
+
+def swap_graph_module(model: torch.fx.GraphModule, options: _Options) -> torch.fx.GraphModule:
+    """Activation nodes of a torch.export graph module become calls of SineReLU submodules (named sites)."""
+    swapped = _copy(model)
+    graph = swapped.graph
+    nodes = _graph_activation_nodes(graph, options.include)
+    epsilons = _graph_epsilons(graph, nodes, options)
+    made: dict[str, SineReLU] = {}
+    for index, node in enumerate(nodes):
+        spec = function_spec(node.target, tuple(node.args), dict(node.kwargs))
+        inplace = spec is not None and is_inplace(spec, tuple(node.args), dict(node.kwargs))
+        entry = _activation_entry(node)
+        path = _free_path(swapped, entry[0] if entry and entry[0] else f"sinerelu_{index}", made)
+        if path not in made:
+            made[path] = SineReLU(epsilons[node], options.form, inplace=inplace)
+            swapped.add_submodule(path, made[path])
+        with graph.inserting_before(node):
+            new = graph.call_module(path, (node.args[0],))
+        new.meta = {**node.meta, "nn_module_stack": _without_activation_entry(node)}
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    graph.lint()
+    swapped.recompile()
+    return swapped
+
+
+def _free_path(module: nn.Module, path: str, made: dict[str, SineReLU]) -> str:
+    candidate, k = path, 2
+    while candidate not in made and _taken(module, candidate):
+        candidate, k = f"{path}_{k}", k + 1
+    return candidate
+
+
+def _taken(module: nn.Module, path: str) -> bool:
+    target: Any = module
+    for part in path.split("."):
+        if not hasattr(target, part):
+            return False
+        target = getattr(target, part)
+    return True
+
+
+def swap_exported(program: torch.export.ExportedProgram, options: _Options) -> torch.export.ExportedProgram:
+    """A new ExportedProgram whose activation nodes compute SineReLU with aten ops only."""
+    swapped = _copy(program)
+    graph = swapped.graph_module.graph
+    nodes = _graph_activation_nodes(graph, options.include)
+    epsilons = _graph_epsilons(graph, nodes, options)
+    for node in nodes:
+        spec = function_spec(node.target, tuple(node.args), dict(node.kwargs))
+        inplace = spec is not None and is_inplace(spec, tuple(node.args), dict(node.kwargs))
+        _decompose(graph, node, epsilons[node], options.form, inplace)
+    graph.lint()
+    swapped.graph_module.recompile()
+    return swapped
+
+
+def _decompose(graph: torch.fx.Graph, node: torch.fx.Node, epsilon: float, form: str, inplace: bool) -> None:
+    """Replace one activation node by SineReLU in aten ops; autograd's derivative of them is SineReLU's
+    (clamp passes the gradient at its bound, so f'(0) = eps*(cos 0 + sin 0) = eps, as in `sinerelu`)."""
+    aten = torch.ops.aten
+    x = node.args[0]
+    assert isinstance(x, torch.fx.Node)
+    fake = x.meta.get("val")
+    fake_mode = getattr(fake, "fake_mode", None)
+    scale = epsilon * math.sqrt(2.0)
+    meta = dict(node.meta)
+    entry = _activation_entry(node)
+    if entry is not None:
+        # Say what the nodes are: a scan lists them as a SineReLU decomposed into primitive ops.
+        stack = dict(meta.get("nn_module_stack") or {})
+        key = list(stack)[-1]
+        stack[key] = (entry[0], f"{SineReLU.__module__}.{SineReLU.__qualname__}")
+        meta["nn_module_stack"] = stack
+    base = f"{node.name}_sinerelu"
+
+    def emit(op: Any, *args: Any) -> torch.fx.Node:
+        new = graph.create_node("call_function", op, args, name=f"{base}_{op.overloadpacket.__name__}")
+        new.meta = {k: v for k, v in meta.items() if k != "val"}
+        if fake_mode is not None:
+            with fake_mode:
+                new.meta["val"] = op(*[a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args])
+        return new
+
+    with graph.inserting_before(node):
+        if form == "max":
+            shifted = emit(aten.sub.Tensor, x, _QUARTER_PI)
+            sine = emit(aten.mul.Tensor, emit(aten.sin.default, shifted), scale)
+            out = emit(aten.maximum.default, sine, x)
+        else:
+            positive = emit(aten.gt.Scalar, x, 0.0)
+            # The sine sees min(z, 0): +inf must not become sin(inf) = nan.
+            clamped = emit(aten.clamp.default, x, None, 0.0)
+            shifted = emit(aten.sub.Tensor, clamped, _QUARTER_PI)
+            sine = emit(aten.mul.Tensor, emit(aten.sin.default, shifted), scale)
+            out = emit(aten.where.self, positive, x, sine)
+        if inplace:
+            out = emit(aten.copy_.default, x, out)
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+
+
+def swap_file(
+    model: Any, output: str, *, epsilons: dict[str, float], form: Form, include: Sequence[str] | str
+) -> int:
+    """Swap a loaded `.pt2` program and save it to `output`; the number of sites swapped.
+
+    Written to a temporary name first and renamed, so a failed write never leaves half a file at `output`.
+    """
+    import os
+
+    if not isinstance(model, torch.export.ExportedProgram):
+        raise DeadNeuronError(
+            f"expected a torch.export program from a .pt2 file, received {type(model).__name__}"
+        )
+    options = _Options(dict(epsilons), check_form(form), check_include(include))  # type: ignore[arg-type]
+    count = len(_graph_activation_nodes(model.graph_module.graph, options.include))
+    swapped = swap_exported(model, options)
+    folder, base = os.path.split(os.path.abspath(output))
+    partial = os.path.join(folder, f".{base}.partial.pt2")
+    try:
+        torch.export.save(swapped, partial)
+        os.replace(partial, output)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return count

@@ -1,0 +1,286 @@
+"""`swap` for PyTorch: modules, functional calls and torch.export programs (issue 5)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import deadneuron  # noqa: E402
+from deadneuron import DeadNeuronError  # noqa: E402
+from deadneuron.torch import SineReLU  # noqa: E402
+
+from . import torch_zoo as zoo  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sample_models" / "digits_cnn.pt2"
+CONV, DENSE = 0.0025, 0.025
+
+
+def formula(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """SineReLU written out by hand, in float64: z for z > 0, eps*(sin z - cos z) otherwise."""
+    z = z.double()
+    return torch.where(z > 0, z, eps * (torch.sin(z) - torch.cos(z)))
+
+
+def lin(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return x.double() @ layer.weight.double().T + layer.bias.double()
+
+
+def conv(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return F.conv2d(x.double(), layer.weight.double(), layer.bias.double(), padding=layer.padding)
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    np.testing.assert_allclose(a.detach().double().numpy(), b.detach().double().numpy(), rtol=2e-5, atol=2e-6)
+
+
+def test_mlp_equals_a_hand_written_sinerelu_network():
+    model = zoo.mlp().eval()
+    swapped = deadneuron.swap(model)
+    x = torch.randn(32, 8)
+    expected = lin(model.fc3, formula(lin(model.fc2, formula(lin(model.fc1, x), DENSE)), DENSE))
+    close(swapped(x), expected)
+    assert isinstance(swapped.act1, SineReLU) and swapped.act1.epsilon == DENSE
+
+
+def test_cnn_in_place_module_used_twice_and_functional_relu_are_swapped():
+    model = zoo.cnn().eval()
+    swapped = deadneuron.swap(model).eval()
+    assert isinstance(swapped.relu, SineReLU) and swapped.relu.inplace and swapped.relu.epsilon == CONV
+    x = torch.randn(4, 3, 8, 8)
+    bn = model.bn
+    h = formula(conv(model.conv1, x), CONV)
+    h = conv(model.conv2, h)
+    h = (h - bn.running_mean.double()[:, None, None]) / torch.sqrt(
+        bn.running_var.double()[:, None, None] + bn.eps
+    )
+    h = formula(h * bn.weight.double()[:, None, None] + bn.bias.double()[:, None, None], CONV)
+    h = formula(lin(model.fc, h.mean((2, 3))), DENSE)  # F.relu after the Linear fc: the dense epsilon
+    expected = lin(model.head, h)
+    close(swapped(x), expected)
+    with torch.no_grad():
+        close(swapped(x), expected)
+    out = swapped(x.requires_grad_())
+    out.sum().backward()  # the in-place SineReLU used twice works under autograd
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+class Functional(nn.Module):
+    """Every functional spelling of ReLU, in place or not; a ReLU6 and a leaky ReLU left alone by default."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 6)
+        self.fc2 = nn.Linear(6, 6)
+        self.conv = nn.Conv1d(1, 2, 1)
+        self.six = nn.ReLU6()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.fc1(x))
+        b = self.fc2(a).relu()
+        c = F.relu(b * 2.0, inplace=True)
+        d = (c - 0.5).clamp(min=0)
+        e = (d - 0.1).relu_()
+        f = torch.clamp_min(e - 0.2, 0)
+        g = self.conv(f[:, None, :])
+        g = F.relu(g)
+        return F.leaky_relu(self.six(g.flatten(1) - 1.0), 0.1)
+
+
+def functional_expected(model: Functional, x: torch.Tensor) -> torch.Tensor:
+    a = formula(lin(model.fc1, x), DENSE)
+    c = formula(lin(model.fc2, a), DENSE)
+    c = formula(c * 2.0, DENSE)
+    d = formula(c - 0.5, DENSE)
+    e = formula(d - 0.1, DENSE)
+    f = formula(e - 0.2, DENSE)
+    g = F.conv1d(f[:, None, :], model.conv.weight.double(), model.conv.bias.double())
+    g = formula(g, CONV).flatten(1) - 1.0
+    return F.leaky_relu(F.relu6(g), 0.1)
+
+
+def test_every_functional_spelling_is_swapped_and_the_model_runs_normally():
+    torch.manual_seed(0)
+    model = Functional()
+    swapped = deadneuron.swap(model)
+    x = torch.randn(16, 6)
+    # Called normally, outside any context manager, with and without gradients.
+    close(swapped(x), functional_expected(model, x))
+    with torch.no_grad():
+        close(swapped(x), functional_expected(model, x))
+    leaf = x.clone().requires_grad_(True)
+    swapped(leaf).sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+    # A copy of the swapped model stays swapped (the wrapped forward is rebound to the copy).
+    again = copy.deepcopy(swapped)
+    close(again(x), functional_expected(model, x))
+    assert isinstance(swapped.six, nn.ReLU6)
+
+
+def test_relu6_and_leaky_only_on_request():
+    torch.manual_seed(0)
+    model = Functional()
+    swapped = deadneuron.swap(model, include=("relu", "relu6", "leaky_relu"))
+    assert isinstance(swapped.six, SineReLU)
+    x = torch.randn(8, 6)
+    report = deadneuron.scan(swapped, x, loss="none")
+    assert all(layer.kind == "sinerelu" for layer in report.layers)
+    with pytest.raises(DeadNeuronError, match="include takes kinds from relu, relu6, leaky_relu"):
+        deadneuron.swap(model, include=("gelu",))
+
+
+def test_options_are_validated_and_epsilon_sets_both():
+    model = zoo.cnn()
+    swapped = deadneuron.swap(model, epsilon=0.1)
+    assert swapped.relu.epsilon == 0.1 and swapped.functional_sinerelu["dense"].epsilon == 0.1
+    split = deadneuron.swap(model, epsilon_conv=0.01, epsilon_dense=0.2)
+    assert split.relu.epsilon == 0.01 and split.functional_sinerelu["dense"].epsilon == 0.2
+    with pytest.raises(DeadNeuronError, match="expected one of sinerelu"):
+        deadneuron.swap(model, to="tanh")
+    with pytest.raises(DeadNeuronError, match="either epsilon or epsilon_conv"):
+        deadneuron.swap(model, epsilon=0.1, epsilon_conv=0.2)
+    with pytest.raises(DeadNeuronError, match="finite number >= 0"):
+        deadneuron.swap(model, epsilon=-1.0)
+
+
+def test_the_original_is_untouched():
+    model = zoo.cnn().train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 3, 8, 8)
+    model.eval()
+    before = model(x)
+    model.train()
+    deadneuron.swap(model)
+    assert model.training and "forward" not in vars(model)
+    assert isinstance(model.relu, nn.ReLU)
+    assert not hasattr(model, "functional_sinerelu")
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    model.eval()
+    assert torch.equal(model(x), before)
+
+
+@pytest.mark.parametrize("name", sorted(zoo.FACTORIES))
+def test_dead_units_become_dormant_but_keep_gradient(name):
+    model = zoo.FACTORIES[name]()
+    x = torch.randn(64, *zoo.SAMPLE_SHAPE[name], generator=torch.Generator().manual_seed(3))
+    report = deadneuron.scan(deadneuron.swap(model), x, loss="probe")
+    expected = list(zoo.EXPECTED[name].values())
+    assert len(report.layers) == len(expected)
+    for layer, (dead, dormant, grad_dead) in zip(report.layers, expected, strict=False):
+        assert layer.kind == "sinerelu"
+        assert layer.dead == 0
+        assert layer.dormant_units == dormant
+        # Formerly dead units now get gradient; units whose signal goes nowhere stay gradient-dead.
+        assert layer.grad_dead_units == sorted(set(grad_dead) - set(dead))
+
+
+def test_transformer_fast_path_cannot_skip_the_swapped_activation():
+    model = zoo.tokens().eval()
+    swapped = deadneuron.swap(model).eval()
+    x = torch.randn(4, 5, 8)
+    with torch.no_grad():
+        fast = swapped(x)
+    slow = swapped(x.requires_grad_())
+    close(fast, slow)
+    assert isinstance(swapped.layer.activation, SineReLU)
+
+
+# torch.export
+# ----------------------------------------------------------------------------------------------------
+def sample_expected(program: torch.export.ExportedProgram, x: torch.Tensor) -> torch.Tensor:
+    p = {k: v.double() for k, v in program.state_dict.items()}
+    h = formula(F.conv2d(x.double(), p["conv1.weight"], p["conv1.bias"], padding=1), CONV)
+    h = formula(F.conv2d(h, p["conv2.weight"], p["conv2.bias"], padding=1), CONV)
+    h = F.max_pool2d(h, 2).flatten(1)
+    h = formula(h @ p["fc1.weight"].T + p["fc1.bias"], DENSE)
+    return h @ p["fc2.weight"].T + p["fc2.bias"]
+
+
+def test_exported_program_is_rewritten_into_aten_ops():
+    program = torch.export.load(SAMPLE)
+    swapped = deadneuron.swap(program)
+    assert isinstance(swapped, torch.export.ExportedProgram)
+    targets = {str(n.target) for n in swapped.graph_module.graph.nodes if n.op == "call_function"}
+    assert not any("relu" in t for t in targets) and "aten.sin.default" in targets
+    x = torch.randn(7, 1, 8, 8)
+    close(swapped.module()(x), sample_expected(program, x))
+    # The original program still computes ReLU.
+    assert any(n.target is torch.ops.aten.relu.default for n in program.graph_module.graph.nodes)
+    # The graph module of a program swaps into SineReLU submodules at the ReLUs' paths (what a scan names).
+    module = deadneuron.swap(program.module())
+    assert isinstance(module.relu1, SineReLU) and module.relu3.epsilon == DENSE
+    close(module(x), sample_expected(program, x))
+
+
+class InPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 5)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.act(self.fc1(x)) - 0.1))
+
+
+def test_exported_in_place_relu_is_swapped():
+    torch.manual_seed(0)
+    model = InPlace().eval()
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(model, (torch.randn(2, 4),), dynamic_shapes=({0: batch},))
+    x = torch.randn(6, 4)
+    expected = lin(model.fc2, formula(formula(lin(model.fc1, x), DENSE) - 0.1, DENSE))
+    close(deadneuron.swap(program).module()(x), expected)
+    close(deadneuron.swap(model)(x), expected)
+
+
+def _hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_swapped_pt2_loads_without_deadneuron(tmp_path):
+    out = tmp_path / "swapped.pt2"
+    digest = _hash(SAMPLE)
+    message = deadneuron.api.swap_file(SAMPLE, out)
+    assert _hash(SAMPLE) == digest and "3 ReLU sites swapped" in message
+    x = torch.randn(5, 1, 8, 8)
+    torch.save({"x": x, "y": sample_expected(torch.export.load(SAMPLE), x).float()}, tmp_path / "io.pt")
+    site_packages = os.path.dirname(os.path.dirname(torch.__file__))
+    # -I -S: no user site, no .pth files (so not the editable install of deadneuron), no current folder.
+    script = (
+        f"import sys; sys.path.append({site_packages!r}); import importlib.util as u\n"
+        "assert u.find_spec('deadneuron') is None, 'deadneuron is importable'\n"
+        "import torch\n"
+        f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        f"out = torch.export.load({str(out)!r}).module()(io['x'])\n"
+        "assert torch.allclose(out, io['y'], rtol=1e-4, atol=1e-5), (out - io['y']).abs().max()\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr
+
+
+def test_state_dict_swap_explains_and_writes_nothing(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save(zoo.mlp().state_dict(), path)
+    digest = _hash(path)
+    with pytest.raises(DeadNeuronError, match=r"weights only.*model = deadneuron.swap\(model\)"):
+        deadneuron.api.swap_file(path, tmp_path / "out.pt", arch="tests/torch_zoo.py:MLP")
+    assert _hash(path) == digest and not (tmp_path / "out.pt").exists()
+    with pytest.raises(DeadNeuronError, match="ending in .pt2"):
+        deadneuron.api.swap_file(SAMPLE, tmp_path / "out.keras")
