@@ -5,6 +5,7 @@ Exit codes: 0 done; 1 `--fail-over` exceeded; 2 bad input, refused file or usage
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -82,7 +83,8 @@ def _progress(total: int | None, description: str) -> Any:
 def _stdout_console() -> Any:
     from rich.console import Console
 
-    return Console(highlight=False)
+    # Piped output (a file, CI logs) gets 120 columns rather than rich's 80, so the tables do not wrap.
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 
 
 def _write_outputs(result: Any, json_path: str | None, html_path: Path | None) -> None:
@@ -256,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args or os.environ.get("DEADNEURON_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # TensorFlow's Python logger warns about tf.function retracing between the two scans of a comparison: noise
+    # for a CLI user. Configured by name, so TensorFlow is not imported for it.
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
     try:
         # Standalone mode: typer handles usage errors (exit 2) and --help itself and always ends in SystemExit.
         app(args=args, prog_name="deadneuron")

@@ -93,7 +93,10 @@ def render_text(renderable: Any, width: int = 120) -> str:
 
 
 def _before_after(before: int | None, after: int | None, units: int) -> str:
-    return f"{_count(before, units)} -> {_count(after, units)}"
+    def one(count: int | None) -> str:
+        return "-" if count is None else f"{count} ({_pct(count / units if units else 0.0)})"
+
+    return f"{one(before)} -> {one(after)}"
 
 
 def comparison_renderables(comparison: Any) -> Iterator[Any]:
