@@ -1,3 +1,4 @@
+"""Keras 3 support: SineReLU and, as they are built, the adapter, loading and the callback.
 
 Importing this package imports Keras (and so registers "deadneuron>SineReLU" for loading); `import deadneuron`
 does not import it.
@@ -13,4 +14,5 @@ __all__ = [
     "sinerelu",
 ]
 
+from .callback import DeadNeuronCallback as DeadNeuronCallback  # noqa: E402  (appended export)
 from .swap import swap as swap  # noqa: E402  (appended export)

@@ -86,20 +86,26 @@ class SiteAccumulator:
         self.grad_samples.assign_add(ops.cast(batch, "int64"))
 
     def to_stats(self) -> SiteStats:
-        forward = ops.convert_to_numpy(self.forward.value)
-        gradient = ops.convert_to_numpy(self.gradient.value)
+        forward = _host(self.forward)
+        gradient = _host(self.gradient)
         arrays = {name: forward[i] for i, name in enumerate(_FORWARD_ROWS)}
         arrays.update({name: gradient[i] for i, name in enumerate(_GRAD_ROWS)})
         for name in ("fired", "positive", "nonfinite", "grad_nonzero"):
             arrays[name] = np.rint(arrays[name]).astype(np.int64)
         return SiteStats(
             units=self.site.units,
-            samples=int(ops.convert_to_numpy(self.samples.value)),
-            grad_samples=int(ops.convert_to_numpy(self.grad_samples.value)),
+            samples=int(_host(self.samples)),
+            grad_samples=int(_host(self.grad_samples)),
             positions=self.positions,
-            max_abs=ops.convert_to_numpy(self.max_abs.value),
+            max_abs=_host(self.max_abs),
             **arrays,
         )
+
+
+def _host(variable: Any) -> np.ndarray:
+    """A variable's value as a numpy array: read as a tensor first, since numpy 2 warns about (and, for
+    MirroredVariables, fails on) converting the variable object itself."""
+    return np.asarray(ops.convert_to_numpy(ops.convert_to_tensor(variable)))
 
 
 def _as_rank(t: Any, rank: int) -> Any:
