@@ -108,10 +108,7 @@ def scan(
     a path to a `.npz`/`.npy`. Without data, `samples` standard-normal inputs are drawn from the model's input
     spec (or `input_shape`, one sample's shape).
     """
-    if loss not in LOSSES:
-        raise DeadNeuronError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
-    if atol < 0 or gtol < 0:
-        raise DeadNeuronError(f"thresholds must be >= 0, received atol={atol}, gtol={gtol}")
+    check_scan_options(loss, atol, gtol)
     framework = framework_of(model)
     return adapter(framework).scan(
         model,
@@ -128,6 +125,13 @@ def scan(
         progress=progress,
         name=name,
     )
+
+
+def check_scan_options(loss: str, atol: float, gtol: float) -> None:
+    if loss not in LOSSES:
+        raise DeadNeuronError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
+    if atol < 0 or gtol < 0:
+        raise DeadNeuronError(f"thresholds must be >= 0, received atol={atol}, gtol={gtol}")
 
 
 def inspect(model: Any, *, input_shape: Sequence[int] | None = None) -> list[SiteInfo]:

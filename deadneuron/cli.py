@@ -11,7 +11,7 @@ import sys
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -28,18 +28,18 @@ app = typer.Typer(
 
 # Shared options. Typer reads these annotations; keeping them here keeps the commands consistent.
 ModelArg = Annotated[Path, typer.Argument(help="Saved model: .pt2, a state dict (.pt/.pth/.bin/.safetensors) with --arch, .keras or .h5.", show_default=False)]
-DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Inputs: .npz with key x (optional y: labels) or .npy.")]
-SamplesOpt = Annotated[Optional[int], typer.Option("--samples", help="Scan at most N samples (without --data: N random inputs).")]
+DataOpt = Annotated[Path | None, typer.Option("--data", help="Inputs: .npz with key x (optional y: labels) or .npy.")]
+SamplesOpt = Annotated[int | None, typer.Option("--samples", help="Scan at most N samples (without --data: N random inputs).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")]
-ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Architecture for a state dict: FILE.py:NAME or pkg.module:NAME (a class or a factory).")]
-ShapeOpt = Annotated[Optional[str], typer.Option("--input-shape", help="One sample's shape for random inputs, e.g. 3,32,32.")]
+ArchOpt = Annotated[str | None, typer.Option("--arch", help="Architecture for a state dict: FILE.py:NAME or pkg.module:NAME (a class or a factory).")]
+ShapeOpt = Annotated[str | None, typer.Option("--input-shape", help="One sample's shape for random inputs, e.g. 3,32,32.")]
 LossOpt = Annotated[str, typer.Option("--loss", help="Gradient source: auto (task loss with labels, else probe), ce, mse, probe, none.")]
 AtolOpt = Annotated[float, typer.Option("--atol", help="|output| <= atol counts as zero.")]
 GtolOpt = Annotated[float, typer.Option("--gtol", help="|gradient| <= gtol counts as zero.")]
-UnitAxisOpt = Annotated[Optional[int], typer.Option("--unit-axis", help="Axis that indexes units (default: channels for conv maps, features otherwise).")]
-JsonOpt = Annotated[Optional[str], typer.Option("--json", help="Write the JSON report to PATH, or '-' for stdout alone.")]
-HtmlOpt = Annotated[Optional[Path], typer.Option("--html", help="Write the report as an HTML page.")]
-FailOpt = Annotated[Optional[float], typer.Option("--fail-over", help="Exit 1 when the dead fraction exceeds this fraction (0-1).")]
+UnitAxisOpt = Annotated[int | None, typer.Option("--unit-axis", help="Axis that indexes units (default: channels for conv maps, features otherwise).")]
+JsonOpt = Annotated[str | None, typer.Option("--json", help="Write the JSON report to PATH, or '-' for stdout alone.")]
+HtmlOpt = Annotated[Path | None, typer.Option("--html", help="Write the report as an HTML page.")]
+FailOpt = Annotated[float | None, typer.Option("--fail-over", help="Exit 1 when the dead fraction exceeds this fraction (0-1).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for random inputs and the gradient probe.")]
 PickleOpt = Annotated[bool, typer.Option("--unsafe-pickle", help="Load a fully pickled torch module. Unpickling runs code from the file: only for files you trust.")]
 UnsafeKerasOpt = Annotated[bool, typer.Option("--unsafe-deserialization", help="Turn Keras safe_mode off (Lambda layers). Runs code stored in the file: only for files you trust.")]
@@ -87,17 +87,40 @@ def _stdout_console() -> Any:
     return Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 
 
+def _check_outputs(json_path: str | None, html_path: Path | None) -> None:
+    """Before any work: the report's files can be written (a long scan should not end in a typo)."""
+    for flag, path in (("--json", None if json_path in (None, "-") else Path(json_path)), ("--html", html_path)):
+        if path is None:
+            continue
+        folder = path.parent if str(path.parent) else Path(".")
+        if path.is_dir():
+            raise DeadNeuronError(f"{flag} {path} is a folder; expected a file path such as {path / 'report'}")
+        if not folder.is_dir():
+            raise DeadNeuronError(
+                f"{flag} {path}: the folder {folder} does not exist; create it or choose another path"
+            )
+
+
+def _write_text(flag: str, path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as error:
+        raise DeadNeuronError(
+            f"cannot write {flag} {path}: {error.strerror or error}; expected a writable file path"
+        ) from error
+
+
 def _write_outputs(result: Any, json_path: str | None, html_path: Path | None) -> None:
     if json_path == "-":
         sys.stdout.write(result.to_json() + "\n")
     else:
         _stdout_console().print(result)
         if json_path:
-            Path(json_path).write_text(result.to_json() + "\n")
+            _write_text("--json", Path(json_path), result.to_json() + "\n")
     if html_path is not None:
         from .html import to_html
 
-        html_path.write_text(to_html(result))
+        _write_text("--html", html_path, to_html(result))
 
 
 def _load(model: Path, arch: str | None, unsafe_pickle: bool, unsafe_deserialization: bool) -> Any:
@@ -141,21 +164,58 @@ def scan(
     from . import api
 
     _check_fail_over(fail_over)
+    _check_outputs(json, html)
     shape = _parse_shape(input_shape)
     dataset = _dataset(data, samples)
+    ranks = _torchrun_world()
     loaded = _load(model, arch, unsafe_pickle, unsafe_deserialization)
     total = len(dataset) if dataset is not None else samples
+    options: dict[str, Any] = dict(
+        batch_size=batch_size, loss=loss, atol=atol, gtol=gtol, unit_axis=unit_axis, samples=samples,
+        input_shape=shape, seed=seed, name=model.name,
+    )
+    primary = True
     with _progress(total, "scanning") as progress:
-        report = api.scan(
-            loaded, dataset, batch_size=batch_size, loss=loss, atol=atol, gtol=gtol, unit_axis=unit_axis,
-            samples=samples, input_shape=shape, seed=seed, progress=progress, name=model.name,
-        )
-    _write_outputs(report, json, html)
+        if ranks > 1:
+            report = _scan_ranks(loaded, dataset, options, progress)
+            primary = os.environ.get("RANK", "0") == "0"
+        else:
+            report = api.scan(loaded, dataset, progress=progress, **options)
+    if primary:  # under torchrun, rank 0 alone writes the report
+        _write_outputs(report, json, html)
     if fail_over is not None and report.dead_fraction > fail_over:
-        print(
-            f"deadneuron: dead fraction {report.dead_fraction:.4f} exceeds --fail-over {fail_over}", file=sys.stderr
-        )
+        if primary:
+            print(
+                f"deadneuron: dead fraction {report.dead_fraction:.4f} exceeds --fail-over {fail_over}",
+                file=sys.stderr,
+            )
         raise typer.Exit(1)
+
+
+def _torchrun_world() -> int:
+    """The number of processes torchrun started (WORLD_SIZE), 1 without torchrun."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(text)
+    except ValueError:
+        raise DeadNeuronError(
+            f"WORLD_SIZE={text!r} is not a number; start several processes with torchrun --nproc-per-node K"
+        ) from None
+
+
+def _scan_ranks(loaded: Any, dataset: Any, options: dict[str, Any], progress: Any) -> Any:
+    """One report from every torchrun process, each scanning its shard (deadneuron.torch.distributed)."""
+    from . import api
+
+    api.check_scan_options(options["loss"], options["atol"], options["gtol"])
+    if api.framework_of(loaded) != "torch":
+        raise DeadNeuronError(
+            "torchrun shards PyTorch scans; this is a Keras model: scan it in one process (python -m deadneuron "
+            "scan ...), or in training with deadneuron.keras.DeadNeuronCallback under a tf.distribute strategy"
+        )
+    from .torch.distributed import scan as scan_ranks
+
+    return scan_ranks(loaded, dataset, progress=progress, **options)
 
 
 @app.command()
@@ -185,9 +245,9 @@ def inspect(
 def compare(
     model: ModelArg,
     to: Annotated[str, typer.Option("--to", help="Activation to swap in for ReLU.")] = "sinerelu",
-    epsilon: Annotated[Optional[float], typer.Option("--epsilon", help="SineReLU epsilon for every site.")] = None,
-    epsilon_conv: Annotated[Optional[float], typer.Option("--epsilon-conv", help="Epsilon after convolutions (default 0.0025).")] = None,
-    epsilon_dense: Annotated[Optional[float], typer.Option("--epsilon-dense", help="Epsilon after dense layers (default 0.025).")] = None,
+    epsilon: Annotated[float | None, typer.Option("--epsilon", help="SineReLU epsilon for every site.")] = None,
+    epsilon_conv: Annotated[float | None, typer.Option("--epsilon-conv", help="Epsilon after convolutions (default 0.0025).")] = None,
+    epsilon_dense: Annotated[float | None, typer.Option("--epsilon-dense", help="Epsilon after dense layers (default 0.025).")] = None,
     finetune_steps: Annotated[int, typer.Option("--finetune-steps", help="Train copies of both models K steps and count revived units (needs labels).")] = 0,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate for --finetune-steps.")] = 1e-3,
     data: DataOpt = None,
@@ -207,6 +267,7 @@ def compare(
     """Scan a model before and after swapping ReLU for SineReLU, side by side."""
     from . import api
 
+    _check_outputs(json, html)
     shape = _parse_shape(input_shape)
     dataset = _dataset(data, samples)
     loaded = _load(model, arch, unsafe_pickle, unsafe_deserialization)
@@ -223,7 +284,7 @@ def swap(
     model: ModelArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the swapped model (same format).")],
     to: Annotated[str, typer.Option("--to", help="Activation to swap in for ReLU.")] = "sinerelu",
-    epsilon: Annotated[Optional[float], typer.Option("--epsilon", help="SineReLU epsilon for every site.")] = None,
+    epsilon: Annotated[float | None, typer.Option("--epsilon", help="SineReLU epsilon for every site.")] = None,
     arch: ArchOpt = None,
     unsafe_pickle: PickleOpt = False,
     unsafe_deserialization: UnsafeKerasOpt = False,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import mmap
 import os
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -94,15 +95,27 @@ def load_data_file(path: str | os.PathLike[str]) -> Dataset:
     except DeadNeuronError:
         raise
     except ValueError as error:
-        if "allow_pickle" in str(error) or "pickle" in str(error).lower():
+        if "pickle" in str(error).lower() or "Python objects" in str(error):
             raise DeadNeuronError(
                 f"{path} holds Python objects, which are refused (loading them could run code); save plain numeric "
                 "arrays"
             ) from error
-        raise DeadNeuronError(f"cannot read data file {path}: {error}") from error
-    except (OSError, zipfile.BadZipFile, EOFError, KeyError) as error:
-        raise DeadNeuronError(f"cannot read data file {path} (corrupt or truncated?): {error}") from error
+        raise DeadNeuronError(
+            f"cannot read data file {path} (corrupt or truncated?): {_first_line(error)}; expected a .npz (x, "
+            "optional y) or .npy written by numpy.savez / numpy.save"
+        ) from error
+    except (OSError, zipfile.BadZipFile, EOFError, KeyError, TypeError, RuntimeError, zlib.error) as error:
+        raise DeadNeuronError(
+            f"cannot read data file {path} (corrupt or truncated?): {_first_line(error)}; expected a .npz (x, "
+            "optional y) or .npy written by numpy.savez / numpy.save"
+        ) from error
     return validate(Dataset(x=x, y=y, source=path))
+
+
+def _first_line(error: BaseException, limit: int = 160) -> str:
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def validate(data: Dataset) -> Dataset:
@@ -129,10 +142,14 @@ def limit(data: Dataset, samples: int | None) -> Dataset:
     return Dataset(x=data.x[:samples], y=y, source=data.source)
 
 
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, stop): the contiguous block of `n` samples that rank `rank` of `world` scans."""
+    return n * rank // world, n * (rank + 1) // world
+
+
 def shard(data: Dataset, rank: int, world: int) -> Dataset:
     """The contiguous slice of the samples that rank `rank` of `world` scans."""
-    n = len(data)
-    start, stop = n * rank // world, n * (rank + 1) // world
+    start, stop = shard_bounds(len(data), rank, world)
     y = None if data.y is None else data.y[start:stop]
     return Dataset(x=data.x[start:stop], y=y, source=data.source)
 

@@ -8,3 +8,4 @@ from __future__ import annotations
 from .sinerelu import SineReLU as SineReLU
 from .sinerelu import sinerelu as sinerelu
 from .swap import swap as swap
+from .monitor import DeadNeuronMonitor as DeadNeuronMonitor

@@ -58,6 +58,30 @@ class SiteAccumulator:
         self.sign_preserving = info.kind in SIGN_PRESERVING
         self.nonnegative = info.kind in NONNEGATIVE
 
+    def state(self) -> dict[str, Any]:
+        """The statistics as plain host values (a checkpoint's payload); one device-to-host copy per field."""
+        return {
+            **self.info.to_dict(),
+            "samples": self.samples,
+            "grad_samples": self.grad_samples,
+            "positions": self.positions,
+            "fields": {name: t.detach().cpu().clone() for name, t in self.fields.items()},
+        }
+
+    @classmethod
+    def from_state(
+        cls, state: dict[str, Any], device: torch.device, *, atol: float, gtol: float
+    ) -> SiteAccumulator:
+        """An accumulator holding `state` (from `state()`) on `device`."""
+        info = SiteInfo(str(state["name"]), str(state["kind"]), int(state["units"]), int(state["unit_axis"]))
+        acc = cls(info, device, atol=atol, gtol=gtol)
+        for name, t in acc.fields.items():
+            t.copy_(torch.as_tensor(np.asarray(state["fields"][name])).to(t.dtype))
+        acc.samples = int(state["samples"])
+        acc.grad_samples = int(state["grad_samples"])
+        acc.positions = int(state["positions"])
+        return acc
+
     def _check(self, t: torch.Tensor) -> None:
         units = 1 if t.ndim == 1 else t.shape[self.info.unit_axis]
         if units != self.info.units:

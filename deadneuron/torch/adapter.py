@@ -32,6 +32,28 @@ from .sites import SiteWatcher, graph_sites
 __all__ = ["inspect", "load_model", "scan"]
 
 Progress = Callable[[int], None]
+# The probe's cotangents for one batch: (output tensors, valid samples) -> one v per output, rows past
+# `valid` zero. `deadneuron.torch.distributed` passes one that draws by global sample position.
+Probe = Callable[[list[torch.Tensor], int], list[torch.Tensor]]
+# Called with every site's accumulator once the batches are done; returns those the report is built from
+# (`deadneuron.torch.distributed` returns them all-reduced across ranks).
+Finalize = Callable[[list[Any]], list[Any]]
+
+
+def batch_probe(seed: int) -> Probe:
+    """v ~ N(0, I) for each output of each batch, drawn in batch order from one generator seeded `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(outputs: list[torch.Tensor], valid: int) -> list[torch.Tensor]:
+        vs = []
+        for t in outputs:
+            v = torch.randn(t.shape, generator=generator).to(device=t.device, dtype=t.dtype)
+            if valid < t.shape[0]:
+                v[valid:] = 0
+            vs.append(v)
+        return vs
+
+    return draw
 
 
 def load_model(
@@ -188,17 +210,14 @@ def _output_tensors(out: Any) -> list[torch.Tensor]:
 
 
 def _task_loss(
-    kind: str, out: Any, y: torch.Tensor | None, valid: int, generator: torch.Generator, first: bool
+    kind: str, out: Any, y: torch.Tensor | None, valid: int, probe: Probe, first: bool
 ) -> torch.Tensor | None:
     outputs = _output_tensors(out)
     if not outputs:
         return None
     if kind == "probe":
         total: torch.Tensor | None = None
-        for t in outputs:
-            v = torch.randn(t.shape, generator=generator).to(device=t.device, dtype=t.dtype)
-            if valid < t.shape[0]:
-                v[valid:] = 0
+        for t, v in zip(outputs, probe(outputs, valid), strict=True):
             term = (v * t).sum()
             total = term if total is None else total + term
         return total
@@ -261,6 +280,7 @@ def _scan(
     input_shape: Sequence[int] | None,
     seed: int,
     progress: Progress | None,
+    probe: Probe | None = None,
 ) -> _Scanned:
     module = run.module
     device, dtype = _device_dtype(module, run.example_dtype)
@@ -302,7 +322,7 @@ def _scan(
         graph_names=run.graph_names,
         unobserved=run.unobserved,
     )
-    probe = torch.Generator().manual_seed(seed + 1)
+    probe = probe or batch_probe(seed + 1)
     resolved: str | None = "none" if not gradients else None
     with _preserved(module), watcher:
         for x, y, valid in stream:
@@ -327,7 +347,7 @@ def _gradient_step(
     y: torch.Tensor | None,
     valid: int,
     loss: str,
-    probe: torch.Generator,
+    probe: Probe,
     first: bool,
     warnings: list[str],
 ) -> None:
@@ -373,8 +393,14 @@ def scan(
     seed: int = 0,
     progress: Progress | None = None,
     name: str | None = None,
+    probe: Probe | None = None,
+    finalize: Finalize | None = None,
 ) -> Report:
-    """Dead, dormant and gradient-dead units of every activation site of a PyTorch model (design.md)."""
+    """Dead, dormant and gradient-dead units of every activation site of a PyTorch model (design.md).
+
+    `probe` and `finalize` are for `deadneuron.torch.distributed`: the probe's cotangents by global sample
+    position, and the all-reduce of the statistics before the report.
+    """
     run = _runnable(model, name)
     scanned = _scan(
         run,
@@ -389,10 +415,14 @@ def scan(
         input_shape=input_shape,
         seed=seed,
         progress=progress,
+        probe=probe,
     )
     watcher = scanned.watcher
+    accumulators = list(watcher.accumulators.values())
+    if finalize is not None:
+        accumulators = finalize(accumulators)
     warnings = scanned.warnings + watcher.warnings
-    if not watcher.accumulators:
+    if not accumulators:
         warnings.append(
             "no activation sites ran: the model calls none of the activations deadneuron knows "
             "(ReLU family, GELU, SiLU, ... as modules or functions)"
@@ -401,7 +431,7 @@ def scan(
         framework="torch",
         model=run.display,
         loss=scanned.loss,
-        sites=collect(list(watcher.accumulators.values())),
+        sites=collect(accumulators),
         atol=atol,
         gtol=gtol,
         warnings=warnings,

@@ -50,11 +50,12 @@ _OUTPUT_DERIVATIVE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 class _Token:
-    __slots__ = ("acc", "output_grad")
+    __slots__ = ("acc", "output_grad", "valid")
 
-    def __init__(self, acc: SiteAccumulator, output_grad: bool) -> None:
+    def __init__(self, acc: SiteAccumulator, output_grad: bool, valid: int) -> None:
         self.acc = acc
         self.output_grad = output_grad
+        self.valid = valid
 
 
 class SiteWatcher:
@@ -87,6 +88,9 @@ class SiteWatcher:
         self._names = {id(module): name for name, module in model.named_modules()}
         self._handles: list[Any] = []
         self.busy = False  # our own tensor work inside hooks is not the model's
+        # True while the model runs outside a watched forward pass (the training monitor between its forward
+        # scopes: validation, unsampled work); module hooks then do nothing.
+        self.paused = False
         self._begin(0, 0)
 
     # lifecycle --------------------------------------------------------------------------------------------------
@@ -120,7 +124,7 @@ class SiteWatcher:
         while self._handles:
             self._handles.pop().remove()
 
-    def _begin(self, n: int, valid: int) -> None:
+    def _begin(self, n: int | None, valid: int) -> None:
         self.n = n
         self.valid = valid
         self.calls: Counter[str] = Counter()
@@ -130,8 +134,11 @@ class SiteWatcher:
         self._pending: list[_Token | None] = []
 
     @contextmanager
-    def forward(self, n: int, valid: int) -> Iterator[None]:
-        """Watch one forward pass of a batch of `n` samples of which the first `valid` are real (the rest pad)."""
+    def forward(self, n: int | None, valid: int) -> Iterator[None]:
+        """Watch one forward pass of a batch of `n` samples of which the first `valid` are real (the rest pad).
+
+        `n=None`: the batch size is unknown (a training step whose batch the watcher did not see); every sample
+        of each site's tensor counts."""
         self._begin(n, valid)
         with _FunctionalSites(self):
             yield
@@ -170,11 +177,12 @@ class SiteWatcher:
         """At a site, before the activation runs: the pre-activation statistics and the gradient hook."""
         self.busy = True
         try:
-            if z.ndim == 0 or z.shape[0] != self.n:
+            if z.ndim == 0 or (self.n is not None and z.shape[0] != self.n):
                 self._unobserve(name, f"its first axis is not the batch: shape {tuple(z.shape)}")
                 return None
+            valid = self.valid if self.n is not None else int(z.shape[0])
             acc = self.accumulators.get(name) or self._new_site(name, kind, z)
-            acc.pre(z, self.valid)
+            acc.pre(z, valid)
             output_grad = False
             if self.gradients:
                 if not z.requires_grad:
@@ -190,9 +198,9 @@ class SiteWatcher:
                     else:
                         self._warn(f"gradient of {name} not observed: an in-place {kind} on a view")
                 else:
-                    z.register_hook(partial(_grad_hook, acc, self.valid))
-                    acc.grad_samples += self.valid
-            return _Token(acc, output_grad)
+                    z.register_hook(partial(_grad_hook, acc, valid))
+                    acc.grad_samples += valid
+            return _Token(acc, output_grad, valid)
         finally:
             self.busy = False
 
@@ -201,7 +209,7 @@ class SiteWatcher:
             return
         self.busy = True
         try:
-            token.acc.post(out, self.valid)
+            token.acc.post(out, token.valid)
             if token.output_grad:
                 # The gradient reaches the modified region through the view's base, whether the model goes on
                 # with the base or with the view: hook the base and cut the view's region out of its gradient.
@@ -211,12 +219,12 @@ class SiteWatcher:
                         partial(
                             _view_grad_hook,
                             token.acc,
-                            self.valid,
+                            token.valid,
                             out,
                             int(out.storage_offset() - base.storage_offset()),
                         )
                     )
-                    token.acc.grad_samples += self.valid
+                    token.acc.grad_samples += token.valid
                 else:
                     self._warn(
                         f"gradient of {token.acc.info.name} not observed: an in-place "
@@ -227,6 +235,8 @@ class SiteWatcher:
 
     # module hooks -----------------------------------------------------------------------------------------------
     def _module_pre(self, site: str, kind: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self.paused:
+            return
         self.depth += 1
         token = None
         if args and isinstance(args[0], torch.Tensor):
@@ -234,6 +244,8 @@ class SiteWatcher:
         self._pending.append(token)
 
     def _module_post(self, site: str, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self.paused:
+            return
         self.depth = max(self.depth - 1, 0)
         token = self._pending.pop() if self._pending else None
         self.after(token, output)

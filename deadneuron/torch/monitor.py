@@ -1,0 +1,480 @@
+"""`DeadNeuronMonitor`: dead units watched during ordinary PyTorch training (docs/callbacks.md).
+
+It reuses the scan's machinery: `SiteWatcher` (module hooks, a `TorchFunctionMode` for functional calls, gradient
+hooks on the pre-activations) and `SiteAccumulator` (per-unit sums and maxima on the device). Only the driving
+differs: the scan runs its own forward and backward passes; the monitor observes the user's.
+
+- A step ends when the user calls `monitor.step()` (after `optimizer.step()`). Explicit, and robust to gradient
+  accumulation, several forward calls per step and validation in between.
+- Sampling: hooks are attached only for sampled steps (step k, counted from 0, is sampled when k % every == 0):
+  `step()` attaches them before a sampled step and takes them off after it, so unsampled steps run the bare model.
+  The figures describe the sampled steps only: a unit counted dead may have fired on an unsampled step. `every=1`
+  observes every step (exact accounting, at the cost of hooks on every step).
+- A forward pass is observed when the model's root module runs in train mode with autograd on (validation in eval
+  mode or under `no_grad` is not a training forward). Its gradient statistics come from the user's own
+  `loss.backward()` through tensor hooks registered in that forward: the monitor runs no pass of its own.
+- A window is `window` steps. At its end (inside `step()`), and only then, statistics go to the host: they are
+  reduced across ranks when torch.distributed is initialised, turned into a `Report` (the same as a scan's), compared
+  with the previous window (units that newly died or revived), logged, written to TensorBoard, checked against
+  `alert`. Nothing in the hooks or in `step()` between window ends synchronises with the device.
+- Wrapped models: DDP/DataParallel are hooked through `.module`, torch.compile'd ones through `._orig_mod`. Hooks do
+  not fire inside compiled code, so sampled steps run under `torch.compiler.set_stance("force_eager")` (whenever
+  torch._dynamo is loaded): the compiled model runs its original eager code for those steps only, and compiled
+  code is back for the others. With `every=1` a compiled model therefore always runs eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import DeadNeuronError
+from ..report import Report
+from .accumulate import SiteAccumulator, collect
+from .distributed import all_reduce_sites, rank_zero
+from .sites import SiteWatcher
+
+logger = logging.getLogger("deadneuron.torch")
+
+#: Defaults: hooks on one step in 100 keep the cost of a small model's training step under 5%
+#: (benchmarks/monitor.py: a hooked step of a 0.3 ms MLP step costs ~0.9 ms more); a window of 1000 steps
+#: then observes 10 steps.
+DEFAULT_EVERY = 100
+DEFAULT_WINDOW = 1000
+
+#: The Report's `loss` field for monitor reports: the gradients are those of the user's own training loss.
+LOSS = "training"
+
+
+@dataclass(frozen=True)
+class WindowChanges:
+    """What changed at the end of a window: unit indices per site that are dead now and were not in the previous
+    window (`died`; every dead unit after the first window), and those dead before and alive now (`revived`)."""
+
+    window: int  # 1-based index of the window that just ended
+    first_step: int
+    last_step: int
+    died: dict[str, list[int]] = field(default_factory=dict)
+    revived: dict[str, list[int]] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        def part(label: str, sites: dict[str, list[int]]) -> str:
+            if not sites:
+                return f"{label}: none"
+            return f"{label}: " + "; ".join(f"{name} {units}" for name, units in sites.items())
+
+        return (
+            f"window {self.window} (steps {self.first_step}-{self.last_step}) "
+            f"{part('newly dead', self.died)}; {part('revived', self.revived)}"
+        )
+
+
+def unwrap(model: Any) -> tuple[nn.Module, bool]:
+    """The module whose hooks fire (through DDP/DataParallel and torch.compile wrappers), and whether a compiled
+    wrapper was seen."""
+    compiled = False
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+            compiled = True
+        else:
+            break
+    if isinstance(model, torch.jit.ScriptModule) or not isinstance(model, nn.Module):
+        raise DeadNeuronError(
+            f"cannot monitor a {type(model).__name__}; expected a torch.nn.Module (plain, DDP-wrapped or "
+            "torch.compile'd)"
+        )
+    return model, compiled
+
+
+def check_options(*, every: int, window: int, alert: float | None, atol: float, gtol: float) -> None:
+    """The monitor's options, checked once (the Lightning callback checks them at construction too)."""
+    for label, value in (("every", every), ("window", window)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DeadNeuronError(f"{label} must be a positive whole number of steps; received {value!r}")
+    if alert is not None and not 0.0 <= alert <= 1.0:
+        raise DeadNeuronError(f"alert is a fraction of units; expected a number in [0, 1], received {alert!r}")
+    if atol < 0 or gtol < 0:
+        raise DeadNeuronError(f"atol and gtol must be >= 0; received atol={atol!r}, gtol={gtol!r}")
+
+
+def _first_batch_size(values: Iterable[Any]) -> int | None:
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return int(value.shape[0]) if value.ndim else None
+        if isinstance(value, (list, tuple)):
+            found = _first_batch_size(value)
+            if found is not None:
+                return found
+        if isinstance(value, dict):
+            found = _first_batch_size(value.values())
+            if found is not None:
+                return found
+    return None
+
+
+def batch_size_of(batch: Any) -> int | None:
+    """The leading size of the first tensor in a batch (a tensor, tuple, list or dict); None if there is none."""
+    return _first_batch_size([batch])
+
+
+class DeadNeuronMonitor:
+    """Watch dead, dormant and gradient-dead units during training, window by window.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> with DeadNeuronMonitor(model, every=1, window=2) as monitor:
+    ...     for _ in range(2):
+    ...         loss = model(torch.randn(16, 4)).square().mean()
+    ...         opt.zero_grad(); loss.backward(); opt.step()
+    ...         _ = monitor.step()  # returns the Report when a window ends
+    >>> monitor.report().samples
+    32
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        every: int = DEFAULT_EVERY,
+        window: int = DEFAULT_WINDOW,
+        writer: Any = None,
+        alert: float | None = None,
+        atol: float = 0.0,
+        gtol: float = 0.0,
+        gradients: bool = True,
+        unit_axis: int | None = None,
+        name: str | None = None,
+    ) -> None:
+        check_options(every=every, window=window, alert=alert, atol=atol, gtol=gtol)
+        self.module, self.compiled = unwrap(model)
+        self.every = every
+        self.window = window
+        self.writer = writer
+        self.alert = alert
+        self.atol = atol
+        self.gtol = gtol
+        self.gradients = gradients
+        self.unit_axis = unit_axis
+        self.name = name or type(self.module).__name__
+        self.steps = 0  # completed steps
+        self.windows = 0  # completed windows
+        self.last_report: Report | None = None
+        self.last_changes: WindowChanges | None = None
+        self._previous_dead: dict[str, set[int]] | None = None
+        self._alerted = False
+        self._watcher: SiteWatcher | None = None
+        self._running = False
+        self._attached = False
+        self._root_handles: list[Any] = []
+        self._scope: Any = None  # the open forward scope (the watcher's forward context)
+        self._scope_owner: str | None = None  # "root" (the model's own call) or "explicit" (begin_forward)
+        self._stance: Any = None
+        self._pending: list[dict[str, Any]] | None = None  # restored statistics, built on start
+
+    # lifecycle --------------------------------------------------------------------------------------------------
+    def __enter__(self) -> DeadNeuronMonitor:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> DeadNeuronMonitor:
+        if self._running:
+            return self
+        if self._watcher is None:
+            self._watcher = SiteWatcher(
+                self.module, atol=self.atol, gtol=self.gtol, unit_axis=self.unit_axis, gradients=self.gradients
+            )
+        self._watcher.paused = True
+        self._restore_pending()
+        self._running = True
+        if self._sampled(self.steps):
+            self._attach()
+        return self
+
+    def stop(self) -> None:
+        """Take every hook off and put torch.compile's stance back; may run twice. Statistics stay readable."""
+        self._running = False
+        self._detach()
+
+    def _attach(self) -> None:
+        watcher = self._require_watcher()
+        try:
+            watcher.attach()
+            self._root_handles.append(self.module.register_forward_pre_hook(self._root_pre, with_kwargs=True))
+            self._root_handles.append(self.module.register_forward_hook(self._root_post, always_call=True))
+            if "torch._dynamo" in sys.modules:
+                # Compiled code ignores hooks added after compiling; run the sampled step eagerly.
+                self._stance = torch.compiler.set_stance("force_eager")
+            self._attached = True
+        except BaseException:
+            self._detach()
+            raise
+
+    def _detach(self) -> None:
+        try:
+            if self._scope is not None:
+                self._close()
+        finally:
+            if self._watcher is not None:
+                self._watcher.remove()
+            while self._root_handles:
+                self._root_handles.pop().remove()
+            stance, self._stance = self._stance, None
+            if stance is not None:
+                stance.__exit__(None, None, None)
+            self._attached = False
+
+    def _require_watcher(self) -> SiteWatcher:
+        if self._watcher is None:
+            raise DeadNeuronError("the monitor is not started; use `with DeadNeuronMonitor(model) as m:` or m.start()")
+        return self._watcher
+
+    # forward scopes ---------------------------------------------------------------------------------------------
+    def _open(self, n: int | None, owner: str) -> None:
+        watcher = self._require_watcher()
+        scope = watcher.forward(n, n or 0)
+        scope.__enter__()
+        self._scope, self._scope_owner = scope, owner
+        watcher.paused = False
+
+    def _close(self) -> None:
+        scope, self._scope, self._scope_owner = self._scope, None, None
+        if self._watcher is not None:
+            self._watcher.paused = True
+        if scope is not None:
+            scope.__exit__(None, None, None)
+
+    def _root_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._scope is not None or not (module.training and torch.is_grad_enabled()):
+            return
+        self._open(_first_batch_size([*args, *kwargs.values()]), "root")
+
+    def _root_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self._scope_owner == "root":
+            self._close()
+
+    def begin_forward(self, batch_size: int | None = None) -> None:
+        """Observe the forward passes from now until `end_forward()` (or `step()`), for training code that does not
+        call the monitored module itself (Lightning's `training_step` may call a submodule). No-op on unsampled
+        steps. `batch_size=None` counts every sample of each site's tensor."""
+        if self._attached and self._scope is None:
+            self._open(batch_size, "explicit")
+
+    def end_forward(self) -> None:
+        if self._scope_owner == "explicit":
+            self._close()
+
+    # steps and windows ------------------------------------------------------------------------------------------
+    def _sampled(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def step(self) -> Report | None:
+        """End a training step (call it after `optimizer.step()`); returns the window's Report when a window ended."""
+        if not self._running:
+            raise DeadNeuronError(
+                "monitor.step() called on a monitor that is not running; use `with DeadNeuronMonitor(model) as m:` "
+                "or call m.start() before training"
+            )
+        self.end_forward()
+        self.steps += 1
+        report = self._end_window() if self.steps % self.window == 0 else None
+        sampled = self._sampled(self.steps)
+        if sampled and not self._attached:
+            self._attach()
+        elif not sampled and self._attached:
+            self._detach()
+        return report
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    @property
+    def restoring(self) -> bool:
+        """True between `load_state_dict` and `start()`: the restored statistics are not on the device yet."""
+        return self._pending is not None
+
+    def accumulators(self) -> list[SiteAccumulator]:
+        """The window in progress: one accumulator per site, on the device, in order of first execution."""
+        if self._watcher is not None:
+            return list(self._watcher.accumulators.values())
+        return []
+
+    def _build(self, accumulators: list[SiteAccumulator], observed: int, steps: int) -> Report:
+        watcher = self._watcher
+        notes = list(watcher.warnings) if watcher is not None else []
+        if observed and not accumulators:
+            notes.append(
+                "no activation site ran under the monitor's hooks: the model calls none of the activations "
+                "deadneuron knows, or it ran compiled code the monitor did not see (create the monitor with the "
+                "model you train: plain, DDP-wrapped or torch.compile'd)"
+            )
+        elif self.every > 1:
+            notes.append(
+                f"sampled: {observed} of {steps} steps observed (one in {self.every}); a unit counted dead did not "
+                "fire on the observed steps and may have fired on others"
+            )
+        return Report.build(
+            framework="torch",
+            model=self.name,
+            loss=LOSS if self.gradients else "none",
+            sites=collect(accumulators),
+            atol=self.atol,
+            gtol=self.gtol,
+            warnings=notes,
+            unobserved=watcher.unobserved if watcher is not None else (),
+        )
+
+    def _observed_in(self, first: int, stop: int) -> int:
+        """Sampled steps among steps first..stop-1."""
+        return len(range(-(-first // self.every) * self.every, stop, self.every))
+
+    def _end_window(self) -> Report:
+        first = self.steps - self.window
+        accumulators = all_reduce_sites(self.accumulators(), atol=self.atol, gtol=self.gtol)
+        report = self._build(accumulators, self._observed_in(first, self.steps), self.window)
+        if self._watcher is not None:
+            self._watcher.accumulators = {}
+        self.windows += 1
+        self.last_report = report
+        dead = {layer.name: set(layer.dead_units) for layer in report.layers}
+        previous = self._previous_dead or {}
+        died = {name: sorted(units - previous.get(name, set())) for name, units in dead.items()}
+        revived = {name: sorted(units - dead.get(name, set())) for name, units in previous.items()}
+        self.last_changes = WindowChanges(
+            self.windows,
+            first,
+            self.steps - 1,
+            {k: v for k, v in died.items() if v},
+            {k: v for k, v in revived.items() if v},
+        )
+        self._previous_dead = dead
+        if rank_zero():
+            self._publish(report, self.last_changes)
+        return report
+
+    def _publish(self, report: Report, changes: WindowChanges) -> None:
+        grad = report.grad_dead_fraction
+        logger.info(
+            "%s: %d/%d units dead (%.1f%%)%s; %s",
+            self.name,
+            report.dead,
+            report.units,
+            100 * report.dead_fraction,
+            "" if grad is None else f", {100 * grad:.1f}% gradient-dead",
+            changes,
+        )
+        if self.writer is not None:
+            self._write(report)
+        if self.alert is not None and not self._alerted and report.dead_fraction > self.alert:
+            self._alerted = True
+            warnings.warn(
+                f"{100 * report.dead_fraction:.1f}% of the units of {self.name} are dead at step {self.steps} "
+                f"(alert at {100 * self.alert:.1f}%): {report.dead} of {report.units}; see monitor.report()",
+                UserWarning,
+                stacklevel=4,  # the user's monitor.step() call
+            )
+
+    def _write(self, report: Report) -> None:
+        step = self.steps
+        writer = self.writer
+        writer.add_scalar("deadneuron/dead_fraction", report.dead_fraction, step)
+        if report.grad_dead_fraction is not None:
+            writer.add_scalar("deadneuron/grad_dead_fraction", report.grad_dead_fraction, step)
+        for layer in report.layers:
+            writer.add_scalar(f"deadneuron/dead_fraction/{layer.name}", layer.dead_fraction, step)
+            if layer.grad_dead_fraction is not None:
+                writer.add_scalar(f"deadneuron/grad_dead_fraction/{layer.name}", layer.grad_dead_fraction, step)
+            if layer.stats is not None and layer.stats.samples:
+                writer.add_histogram(f"deadneuron/firing_rate/{layer.name}", layer.stats.firing_rate, step)
+
+    # results ----------------------------------------------------------------------------------------------------
+    def report(self) -> Report:
+        """The Report of the last completed window; before the first window ends, the window so far (this
+        process's statistics only: ranks are combined at window ends)."""
+        if self.last_report is not None:
+            return self.last_report
+        if self._pending is not None:
+            accumulators = [self._from_state(s, torch.device("cpu")) for s in self._pending]
+        else:
+            accumulators = self.accumulators()
+        first = self.windows * self.window
+        return self._build(accumulators, self._observed_in(first, self.steps), self.steps - first)
+
+    def changes(self) -> WindowChanges | None:
+        """Units that newly died or revived at the last window end (None before the first)."""
+        return self.last_changes
+
+    # state for resuming -----------------------------------------------------------------------------------------
+    def state_dict(self, accumulators: list[SiteAccumulator] | None = None) -> dict[str, Any]:
+        """The window in progress as plain values (ints, lists, CPU tensors): one host copy, at checkpoints only."""
+        if self._pending is not None and accumulators is None:
+            sites = [dict(s) for s in self._pending]
+        else:
+            sites = [acc.state() for acc in (self.accumulators() if accumulators is None else accumulators)]
+        return {
+            "version": 1,
+            "steps": self.steps,
+            "windows": self.windows,
+            "every": self.every,
+            "window": self.window,
+            "alerted": self._alerted,
+            "previous_dead": None
+            if self._previous_dead is None
+            else {name: sorted(units) for name, units in self._previous_dead.items()},
+            "sites": sites,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], *, statistics: bool = True) -> None:
+        """Resume a window: step counter, previous window's dead units, and (unless `statistics=False`, for the
+        ranks other than the one that holds them) the statistics accumulated so far."""
+        if state.get("version") != 1:
+            raise DeadNeuronError(
+                f"unknown monitor state version {state.get('version')!r}; expected 1 (a state from state_dict())"
+            )
+        if (state["every"], state["window"]) != (self.every, self.window):
+            logger.warning(
+                "resuming a monitor saved with every=%s, window=%s into one with every=%s, window=%s",
+                state["every"],
+                state["window"],
+                self.every,
+                self.window,
+            )
+        self.steps = int(state["steps"])
+        self.windows = int(state["windows"])
+        self._alerted = bool(state["alerted"])
+        previous = state["previous_dead"]
+        self._previous_dead = None if previous is None else {k: set(v) for k, v in previous.items()}
+        self._pending = [dict(s) for s in state["sites"]] if statistics else []
+        if self._watcher is not None:
+            self._watcher.accumulators = {}
+        if self._running:
+            self._restore_pending()
+
+    def _device(self) -> torch.device:
+        for tensor in self.module.parameters():
+            return tensor.device
+        return torch.device("cpu")
+
+    def _from_state(self, state: dict[str, Any], device: torch.device) -> SiteAccumulator:
+        return SiteAccumulator.from_state(state, device, atol=self.atol, gtol=self.gtol)
+
+    def _restore_pending(self) -> None:
+        if self._pending is None or self._watcher is None:
+            return
+        device = self._device()
+        self._watcher.accumulators = {s["name"]: self._from_state(s, device) for s in self._pending}
+        self._pending = None
