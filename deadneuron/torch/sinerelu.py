@@ -122,6 +122,28 @@ def _flat(t: Tensor, perm: tuple[int, ...]) -> Tensor:
     return t.permute(perm).reshape(-1)
 
 
+# numpy's SIMD sin/cos for float32 and float64 run ~2.4x faster than torch's CPU kernels on one thread here
+# (8.9 ms against 21 ms for 16M float32 elements; torch on 2 threads: 14.5 ms), and they are the dominant cost
+# of SineReLU on CPU. The scratch chunk is shared with numpy without a copy.
+_NUMPY_DTYPES = (torch.float32, torch.float64)
+
+
+def _sin_(s: Tensor) -> Tensor:
+    if s.device.type == "cpu" and s.dtype in _NUMPY_DTYPES:
+        view = s.numpy()
+        np.sin(view, out=view)
+        return s
+    return s.sin_()
+
+
+def _cos_(s: Tensor) -> Tensor:
+    if s.device.type == "cpu" and s.dtype in _NUMPY_DTYPES:
+        view = s.numpy()
+        np.cos(view, out=view)
+        return s
+    return s.cos_()
+
+
 def _chunk_size(t: Tensor) -> int:
     return min(t.numel(), CHUNK_ELEMENTS) if t.device.type == "cpu" else t.numel()
 
@@ -148,13 +170,13 @@ def _forward_flat(src: Tensor, dst: Tensor, epsilon: float, form: str) -> None:
             out = dst_buf[:m]
         if mask is None:
             torch.sub(z, _QUARTER_PI, out=s)
-            s.sin_().mul_(k)
+            _sin_(s).mul_(k)
             torch.maximum(s, z, out=out)
         else:
             q = mask[:m]
             # The sine sees min(z, 0): +inf must not become sin(inf) = nan, which the mask cannot zero.
             torch.clamp(z, max=0.0, out=s)
-            s.sub_(_QUARTER_PI).sin_()
+            _sin_(s.sub_(_QUARTER_PI))
             torch.le(z, 0.0, out=q)
             # out may alias z: z is read for the last time here.
             torch.clamp(z, min=0.0, out=out)
@@ -191,7 +213,7 @@ def _backward_flat(src: Tensor, grad: Tensor, dst: Tensor, epsilon: float, form:
             # Max form with k > 1: the winner is not a threshold on z, so recompute the sine branch.
             h = branch[:m]  # type: ignore[index]
             torch.sub(z, _QUARTER_PI, out=h)
-            h.sin_().mul_(k)
+            _sin_(h).mul_(k)
             torch.sub(z, _QUARTER_PI, out=s)
             torch.ge(z, h, out=p)
             torch.lt(z, h, out=q)
@@ -206,7 +228,7 @@ def _backward_flat(src: Tensor, grad: Tensor, dst: Tensor, epsilon: float, form:
             else:
                 torch.ge(z, crossing, out=p)
                 torch.lt(z, crossing, out=q)
-        s.cos_()
+        _cos_(s)
         # p + k*cos*q picks 1 or k*cos(z - pi/4) exactly (the masks are 0/1), with no torch.where.
         p.addcmul_(s, q, value=k)
         torch.mul(g, p, out=out)
