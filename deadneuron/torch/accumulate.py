@@ -38,11 +38,35 @@ def _per_sample_inf_norm(view: torch.Tensor, dim: int, nonnegative: bool) -> tor
     return view.amax(dim) if nonnegative else torch.linalg.vector_norm(view, _INF, dim)
 
 
+class Scratch:
+    """One reusable buffer for the elementwise temporaries of the hooks, shared by every site of a scan.
+
+    A fresh activation-sized temporary per hook costs more than the reduction itself: on CPU, first-touch page
+    faults of a 32 MB `sign()` result took 15 ms where writing into a warm buffer took 2 ms. Hooks run one at a
+    time, so one buffer, grown to the largest activation, serves all sites; it lives as long as its watcher.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def like(self, t: torch.Tensor) -> torch.Tensor:
+        """An uninitialised contiguous tensor of `t`'s shape, dtype and device."""
+        key = (t.device, t.dtype)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < t.numel():
+            buffer = torch.empty(t.numel(), dtype=t.dtype, device=t.device)
+            self._buffers[key] = buffer
+        return buffer[: t.numel()].view(t.shape)
+
+
 class SiteAccumulator:
     """Running statistics of one activation site (one unit axis, one unit count) on one device."""
 
-    def __init__(self, info: SiteInfo, device: torch.device, *, atol: float, gtol: float) -> None:
+    def __init__(
+        self, info: SiteInfo, device: torch.device, *, atol: float, gtol: float, scratch: Scratch | None = None
+    ) -> None:
         self.info = info
+        self.scratch = scratch
         self.atol = atol
         self.gtol = gtol
         float_dtype = torch.float32 if device.type == "mps" else torch.float64
@@ -108,12 +132,16 @@ class SiteAccumulator:
         view, dim = unit_view(a, self.info.unit_axis)
         positions = view.shape[dim]
         peak = _per_sample_inf_norm(view, dim, self.nonnegative)[:valid]
+        # A 0/1 float map summed over positions: faster than count_nonzero or a bool sum on CPU, exact below
+        # 2**24 positions; written into the shared scratch buffer when there is one.
+        ones = self.scratch.like(view) if self.scratch is not None else torch.empty_like(view)
         if self.atol == 0.0:
-            # sign().sum() is about twice as fast as count_nonzero on CPU; exact below 2**24 positions
-            signs = view.sign() if self.nonnegative else view.sign().abs_()
-            nonzero = signs.sum(dim)[:valid]
+            torch.sign(view, out=ones)
+            if not self.nonnegative:
+                ones.abs_()
         else:
-            nonzero = (view.abs() > self.atol).sum(dim)[:valid]
+            torch.abs(view, out=ones).gt_(self.atol)
+        nonzero = ones.sum(dim)[:valid]
         finite = torch.isfinite(peak)
         nonzero = nonzero.masked_fill(
             ~finite, positions

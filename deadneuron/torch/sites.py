@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import DeadNeuronError
 from ..report import SiteInfo
-from .accumulate import SiteAccumulator
+from .accumulate import Scratch, SiteAccumulator
 from .kinds import (
     default_unit_axis,
     function_spec,
@@ -91,6 +91,7 @@ class SiteWatcher:
         # True while the model runs outside a watched forward pass (the training monitor between its forward
         # scopes: validation, unsampled work); module hooks then do nothing.
         self.paused = False
+        self.scratch = Scratch()  # the hooks' temporaries, shared by all sites (accumulate.Scratch)
         self._begin(0, 0)
 
     # lifecycle --------------------------------------------------------------------------------------------------
@@ -169,7 +170,9 @@ class SiteWatcher:
                 )
             axis = self.unit_axis % z.ndim
         units = 1 if z.ndim == 1 else int(z.shape[axis])
-        acc = SiteAccumulator(SiteInfo(name, kind, units, axis), z.device, atol=self.atol, gtol=self.gtol)
+        acc = SiteAccumulator(
+            SiteInfo(name, kind, units, axis), z.device, atol=self.atol, gtol=self.gtol, scratch=self.scratch
+        )
         self.accumulators[name] = acc
         return acc
 
