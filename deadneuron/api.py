@@ -26,7 +26,7 @@ KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 
 
 def framework_of(model: Any) -> str:
-    """"keras" or "torch" for a live model; DeadNeuronError for anything else."""
+    """ "keras" or "torch" for a live model; DeadNeuronError for anything else."""
     keras = sys.modules.get("keras")
     if keras is not None and isinstance(model, (keras.Model, keras.layers.Layer)):
         return "keras"
@@ -50,7 +50,9 @@ def framework_of_path(path: str | os.PathLike[str]) -> str:
     if suffix in TORCH_SUFFIXES:
         return "torch"
     known = ", ".join(TORCH_SUFFIXES + KERAS_SUFFIXES)
-    raise DeadNeuronError(f"unknown model format {suffix or '(no extension)'!r} for {os.fspath(path)}; expected one of {known}")
+    raise DeadNeuronError(
+        f"unknown model format {suffix or '(no extension)'!r} for {os.fspath(path)}; expected one of {known}"
+    )
 
 
 def adapter(framework: str) -> ModuleType:
@@ -167,13 +169,18 @@ def swap(
     Epsilon per site: 0.0025 after convolutions, 0.025 after dense layers (the article's MNIST settings);
     `epsilon` sets both. `include` adds ReLU6 (`"relu6"`) and leaky ReLUs (`"leaky_relu"`) to the swap.
     A PyTorch `nn.Module` comes back as an `nn.Module` (functional relu calls swapped too), an
-    `ExportedProgram` as an `ExportedProgram` that runs without deadneuron; a Keras model as a Keras model of the same kind.
+    `ExportedProgram` as an `ExportedProgram` that runs without deadneuron; a Keras model as a Keras model of the
+    same kind.
     """
     from .options import check_to
 
     check_to(to)
     return _swap_module(framework_of(model)).swap(
-        model, epsilon=epsilon, epsilon_conv=epsilon_conv, epsilon_dense=epsilon_dense, form=form,
+        model,
+        epsilon=epsilon,
+        epsilon_conv=epsilon_conv,
+        epsilon_dense=epsilon_dense,
+        form=form,
         include=include,
     )
 
@@ -224,15 +231,9 @@ def swap_file(
             f"{' or '.join(allowed)}"
         )
     if os.path.exists(source) and os.path.exists(target) and os.path.samefile(source, target):
-        raise DeadNeuronError(
-            f"{target} is the input file; choose another path (the input is never modified)"
-        )
-    model = load_model(
-        source, arch=arch, unsafe_pickle=unsafe_pickle, unsafe_deserialization=unsafe_deserialization
-    )
-    count = _swap_module(framework).swap_file(
-        model, target, epsilons=epsilons, form=form, include=include
-    )
+        raise DeadNeuronError(f"{target} is the input file; choose another path (the input is never modified)")
+    model = load_model(source, arch=arch, unsafe_pickle=unsafe_pickle, unsafe_deserialization=unsafe_deserialization)
+    count = _swap_module(framework).swap_file(model, target, epsilons=epsilons, form=form, include=include)
     if count == 0:
         return f"wrote {target}: no ReLU site found in {source}, so the copy computes the same as the input"
     return (
@@ -285,8 +286,7 @@ def compare(
         raise DeadNeuronError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
     if finetune_steps and loss in ("probe", "none"):
         raise DeadNeuronError(
-            f"fine-tuning trains on the task loss; received loss={loss!r}; use loss='auto', 'ce' or 'mse' "
-            "with labels"
+            f"fine-tuning trains on the task loss; received loss={loss!r}; use loss='auto', 'ce' or 'mse' with labels"
         )
     _check_reiterable(data)
     framework = framework_of(model)
@@ -316,7 +316,12 @@ def compare(
             "revived_sinerelu": _revived(before, swap_after),
         }
     return Comparison.build(
-        to=to, epsilon=epsilons, before=before, after=after, agreement=agreement, output_drift=drift,
+        to=to,
+        epsilon=epsilons,
+        before=before,
+        after=after,
+        agreement=agreement,
+        output_drift=drift,
         revival=revival,
     )
 

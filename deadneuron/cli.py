@@ -27,22 +27,56 @@ app = typer.Typer(
 )
 
 # Shared options. Typer reads these annotations; keeping them here keeps the commands consistent.
-ModelArg = Annotated[Path, typer.Argument(help="Saved model: .pt2, a state dict (.pt/.pth/.bin/.safetensors) with --arch, .keras or .h5.", show_default=False)]
+ModelArg = Annotated[
+    Path,
+    typer.Argument(
+        help="Saved model: .pt2, a state dict (.pt/.pth/.bin/.safetensors) with --arch, .keras or .h5.",
+        show_default=False,
+    ),
+]
 DataOpt = Annotated[Path | None, typer.Option("--data", help="Inputs: .npz with key x (optional y: labels) or .npy.")]
-SamplesOpt = Annotated[int | None, typer.Option("--samples", help="Scan at most N samples (without --data: N random inputs).")]
+SamplesOpt = Annotated[
+    int | None, typer.Option("--samples", help="Scan at most N samples (without --data: N random inputs).")
+]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")]
-ArchOpt = Annotated[str | None, typer.Option("--arch", help="Architecture for a state dict: FILE.py:NAME or pkg.module:NAME (a class or a factory).")]
-ShapeOpt = Annotated[str | None, typer.Option("--input-shape", help="One sample's shape for random inputs, e.g. 3,32,32.")]
-LossOpt = Annotated[str, typer.Option("--loss", help="Gradient source: auto (task loss with labels, else probe), ce, mse, probe, none.")]
+ArchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--arch", help="Architecture for a state dict: FILE.py:NAME or pkg.module:NAME (a class or a factory)."
+    ),
+]
+ShapeOpt = Annotated[
+    str | None, typer.Option("--input-shape", help="One sample's shape for random inputs, e.g. 3,32,32.")
+]
+LossOpt = Annotated[
+    str, typer.Option("--loss", help="Gradient source: auto (task loss with labels, else probe), ce, mse, probe, none.")
+]
 AtolOpt = Annotated[float, typer.Option("--atol", help="|output| <= atol counts as zero.")]
 GtolOpt = Annotated[float, typer.Option("--gtol", help="|gradient| <= gtol counts as zero.")]
-UnitAxisOpt = Annotated[int | None, typer.Option("--unit-axis", help="Axis that indexes units (default: channels for conv maps, features otherwise).")]
+UnitAxisOpt = Annotated[
+    int | None,
+    typer.Option("--unit-axis", help="Axis that indexes units (default: channels for conv maps, features otherwise)."),
+]
 JsonOpt = Annotated[str | None, typer.Option("--json", help="Write the JSON report to PATH, or '-' for stdout alone.")]
 HtmlOpt = Annotated[Path | None, typer.Option("--html", help="Write the report as an HTML page.")]
-FailOpt = Annotated[float | None, typer.Option("--fail-over", help="Exit 1 when the dead fraction exceeds this fraction (0-1).")]
+FailOpt = Annotated[
+    float | None, typer.Option("--fail-over", help="Exit 1 when the dead fraction exceeds this fraction (0-1).")
+]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for random inputs and the gradient probe.")]
-PickleOpt = Annotated[bool, typer.Option("--unsafe-pickle", help="Load a fully pickled torch module. Unpickling runs code from the file: only for files you trust.")]
-UnsafeKerasOpt = Annotated[bool, typer.Option("--unsafe-deserialization", help="Turn Keras safe_mode off (Lambda layers). Runs code stored in the file: only for files you trust.")]
+PickleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--unsafe-pickle",
+        help="Load a fully pickled torch module. Unpickling runs code from the file: only for files you trust.",
+    ),
+]
+UnsafeKerasOpt = Annotated[
+    bool,
+    typer.Option(
+        "--unsafe-deserialization",
+        help="Turn Keras safe_mode off (Lambda layers). Runs code stored in the file: only for files you trust.",
+    ),
+]
 
 
 def _parse_shape(text: str | None) -> tuple[int, ...] | None:
@@ -73,8 +107,12 @@ def _progress(total: int | None, description: str) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=Console(stderr=True), transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
     ) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
@@ -171,8 +209,15 @@ def scan(
     loaded = _load(model, arch, unsafe_pickle, unsafe_deserialization)
     total = len(dataset) if dataset is not None else samples
     options: dict[str, Any] = dict(
-        batch_size=batch_size, loss=loss, atol=atol, gtol=gtol, unit_axis=unit_axis, samples=samples,
-        input_shape=shape, seed=seed, name=model.name,
+        batch_size=batch_size,
+        loss=loss,
+        atol=atol,
+        gtol=gtol,
+        unit_axis=unit_axis,
+        samples=samples,
+        input_shape=shape,
+        seed=seed,
+        name=model.name,
     )
     primary = True
     with _progress(total, "scanning") as progress:
@@ -246,9 +291,18 @@ def compare(
     model: ModelArg,
     to: Annotated[str, typer.Option("--to", help="Activation to swap in for ReLU.")] = "sinerelu",
     epsilon: Annotated[float | None, typer.Option("--epsilon", help="SineReLU epsilon for every site.")] = None,
-    epsilon_conv: Annotated[float | None, typer.Option("--epsilon-conv", help="Epsilon after convolutions (default 0.0025).")] = None,
-    epsilon_dense: Annotated[float | None, typer.Option("--epsilon-dense", help="Epsilon after dense layers (default 0.025).")] = None,
-    finetune_steps: Annotated[int, typer.Option("--finetune-steps", help="Train copies of both models K steps and count revived units (needs labels).")] = 0,
+    epsilon_conv: Annotated[
+        float | None, typer.Option("--epsilon-conv", help="Epsilon after convolutions (default 0.0025).")
+    ] = None,
+    epsilon_dense: Annotated[
+        float | None, typer.Option("--epsilon-dense", help="Epsilon after dense layers (default 0.025).")
+    ] = None,
+    finetune_steps: Annotated[
+        int,
+        typer.Option(
+            "--finetune-steps", help="Train copies of both models K steps and count revived units (needs labels)."
+        ),
+    ] = 0,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate for --finetune-steps.")] = 1e-3,
     data: DataOpt = None,
     samples: SamplesOpt = None,
@@ -272,9 +326,22 @@ def compare(
     dataset = _dataset(data, samples)
     loaded = _load(model, arch, unsafe_pickle, unsafe_deserialization)
     comparison = api.compare(
-        loaded, dataset, to=to, epsilon=epsilon, epsilon_conv=epsilon_conv, epsilon_dense=epsilon_dense,
-        finetune_steps=finetune_steps, lr=lr, batch_size=batch_size, loss=loss, atol=atol, gtol=gtol,
-        samples=samples, input_shape=shape, seed=seed, name=model.name,
+        loaded,
+        dataset,
+        to=to,
+        epsilon=epsilon,
+        epsilon_conv=epsilon_conv,
+        epsilon_dense=epsilon_dense,
+        finetune_steps=finetune_steps,
+        lr=lr,
+        batch_size=batch_size,
+        loss=loss,
+        atol=atol,
+        gtol=gtol,
+        samples=samples,
+        input_shape=shape,
+        seed=seed,
+        name=model.name,
     )
     _write_outputs(comparison, json, html)
 
@@ -295,7 +362,12 @@ def swap(
     if output.resolve() == model.resolve():
         raise DeadNeuronError(f"-o {output} is the input file; choose another path (the input is never modified)")
     message = api.swap_file(
-        model, output, to=to, epsilon=epsilon, arch=arch, unsafe_pickle=unsafe_pickle,
+        model,
+        output,
+        to=to,
+        epsilon=epsilon,
+        arch=arch,
+        unsafe_pickle=unsafe_pickle,
         unsafe_deserialization=unsafe_deserialization,
     )
     print(message)

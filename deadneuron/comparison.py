@@ -121,7 +121,9 @@ class Comparison:
         before, after = self.before, self.after
         lines = []
         if before.dead == 0:
-            lines.append(f"No unit is dead under ReLU on these {before.samples} samples: SineReLU has nothing to revive.")
+            lines.append(
+                f"No unit is dead under ReLU on these {before.samples} samples: SineReLU has nothing to revive."
+            )
         else:
             still = after.grad_dead
             lines.append(
@@ -178,8 +180,4 @@ class Comparison:
         import html
 
         verdict = "".join(f"<p>{html.escape(line)}</p>" for line in self.verdict())
-        return (
-            verdict
-            + report_section(self.before, "Before (ReLU)")
-            + report_section(self.after, f"After ({self.to})")
-        )
+        return verdict + report_section(self.before, "Before (ReLU)") + report_section(self.after, f"After ({self.to})")

@@ -53,8 +53,7 @@ def _open_npz_member(path: str, name: str) -> np.ndarray:
                 header_end = member.tell()
             if not dtype.hasobject:
                 offset = info.header_offset + _local_header_size(path, info) + header_end
-                return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
-                                 order="F" if fortran else "C")
+                return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
     with np.load(path, allow_pickle=False) as archive:
         return archive[name]
 
@@ -122,7 +121,9 @@ def validate(data: Dataset) -> Dataset:
     source = data.source
     _check_numeric(data.x, "x", source)
     if data.x.ndim == 0 or data.x.shape[0] == 0:
-        raise DeadNeuronError(f"{source}: the inputs are empty (shape {tuple(data.x.shape)}); expected at least one sample")
+        raise DeadNeuronError(
+            f"{source}: the inputs are empty (shape {tuple(data.x.shape)}); expected at least one sample"
+        )
     if data.y is not None:
         _check_numeric(data.y, "y", source)
         if data.y.ndim == 0 or data.y.shape[0] != data.x.shape[0]:

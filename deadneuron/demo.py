@@ -21,7 +21,9 @@ SAMPLE_FILES = {
 
 def sample_paths(framework: str) -> tuple[Path, Path]:
     if framework not in SAMPLE_FILES:
-        raise DeadNeuronError(f"unknown framework {framework!r} for the demo; expected one of {', '.join(SAMPLE_FILES)}")
+        raise DeadNeuronError(
+            f"unknown framework {framework!r} for the demo; expected one of {', '.join(SAMPLE_FILES)}"
+        )
     model, data = (SAMPLES / name for name in SAMPLE_FILES[framework])
     for path in (model, data):
         if not path.exists():

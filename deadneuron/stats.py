@@ -54,8 +54,8 @@ class SiteStats:
 
     @classmethod
     def empty(cls, units: int) -> SiteStats:
-        arrays = {name: np.zeros(units, dtype) for name, (dtype, _) in FIELDS.items()}
-        return cls(units=units, **arrays)
+        arrays: dict[str, np.ndarray] = {name: np.zeros(units, dtype) for name, (dtype, _) in FIELDS.items()}
+        return cls(units, **arrays)  # type: ignore[arg-type]  # FIELDS names the array fields
 
     def __post_init__(self) -> None:
         for name, (dtype, _) in FIELDS.items():

@@ -87,7 +87,9 @@ def test_verdicts_follow_the_definitions():
 
 def test_no_gradient_means_null_gradient_fields():
     stats = stats_from_activations(np.ones((4, 2, 1)), None)
-    data = Report.build(framework="keras", model="m", loss="none", sites=[(SiteInfo("a", "relu", 2, 1), stats)]).to_dict()
+    data = Report.build(
+        framework="keras", model="m", loss="none", sites=[(SiteInfo("a", "relu", 2, 1), stats)]
+    ).to_dict()
     assert data["layers"][0]["grad_dead"] is None and data["layers"][0]["grad_dead_units"] is None
     assert data["layers"][0]["grad_dead_fraction"] is None
     assert data["totals"]["grad_dead"] is None and data["totals"]["grad_dead_fraction"] is None
@@ -97,7 +99,11 @@ def test_json_follows_the_schema():
     pre = np.array([[[-1.0, -1.0], [1.0, -1.0]], [[-1.0, -2.0], [-1.0, 3.0]]])
     stats = stats_from_activations(pre, np.zeros_like(pre))
     report = Report.build(
-        framework="torch", model="cnn", loss="probe", atol=0.0, gtol=0.0,
+        framework="torch",
+        model="cnn",
+        loss="probe",
+        atol=0.0,
+        gtol=0.0,
         sites=[(SiteInfo("conv.relu", "relu", 2, 1), stats), (SiteInfo("fc.relu", "relu", 2, 1), stats)],
     )
     data = json.loads(report.to_json())
@@ -105,15 +111,33 @@ def test_json_follows_the_schema():
     assert set(data) >= {"schema", "framework", "model", "samples", "loss", "thresholds", "layers", "totals"}
     layer = data["layers"][0]
     assert set(layer) == {
-        "name", "kind", "units", "unit_axis", "dead", "dead_units", "dormant", "dormant_units", "grad_dead",
-        "grad_dead_units", "nonfinite", "dead_fraction", "grad_dead_fraction", "inactive_rate", "firing_rate",
+        "name",
+        "kind",
+        "units",
+        "unit_axis",
+        "dead",
+        "dead_units",
+        "dormant",
+        "dormant_units",
+        "grad_dead",
+        "grad_dead_units",
+        "nonfinite",
+        "dead_fraction",
+        "grad_dead_fraction",
+        "inactive_rate",
+        "firing_rate",
     }
     assert layer["dead_units"] == [0] and layer["dead_fraction"] == 0.5
     assert layer["firing_rate"] == {"min": 0.0, "median": 0.5, "max": 1.0}
     # zeros among the 4 outputs of each unit: 4 (unit 0) and 2 (unit 1) -> 6 of 8
     assert layer["inactive_rate"] == pytest.approx(6 / 8)
     assert data["totals"] == {
-        "units": 4, "dead": 2, "dead_fraction": 0.5, "dormant": 2, "grad_dead": 4, "grad_dead_fraction": 1.0,
+        "units": 4,
+        "dead": 2,
+        "dead_fraction": 0.5,
+        "dormant": 2,
+        "grad_dead": 4,
+        "grad_dead_fraction": 1.0,
     }
 
 
@@ -146,10 +170,12 @@ def test_comparison_pairs_sites_and_measures_revived_gradient():
     after.grad_abs_sum[:] = [0.02, 2.0, 4.0]  # the dead unit gets 1/100 of unit 1's gradient, 1/150 of the median
     site = SiteInfo("act", "relu", 3, 1)
     comparison = Comparison.build(
-        to="sinerelu", epsilon={"dense": 0.025},
+        to="sinerelu",
+        epsilon={"dense": 0.025},
         before=Report.build(framework="torch", model="m", loss="probe", sites=[(site, before)]),
         after=Report.build(framework="torch", model="m", loss="probe", sites=[(site, after)]),
-        agreement=1.0, output_drift=0.01,
+        agreement=1.0,
+        output_drift=0.01,
     )
     assert comparison.gradient_ratio == pytest.approx(0.01 / 1.5)
     data = json.loads(comparison.to_json())

@@ -32,8 +32,8 @@ from typing import Any
 
 import keras
 
-from ..options import check_include, check_to, resolve_epsilons
 from ..errors import DeadNeuronError
+from ..options import check_include, check_to, resolve_epsilons
 from ..reference import Form, check_form
 from .sinerelu import SineReLU
 from .sites import activation_kind, children, layer_kind, operation_kind

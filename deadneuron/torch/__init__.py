@@ -5,7 +5,7 @@ Importing this package imports torch.
 
 from __future__ import annotations
 
+from .monitor import DeadNeuronMonitor as DeadNeuronMonitor
 from .sinerelu import SineReLU as SineReLU
 from .sinerelu import sinerelu as sinerelu
 from .swap import swap as swap
-from .monitor import DeadNeuronMonitor as DeadNeuronMonitor

@@ -6,8 +6,8 @@ switched off so that every activation runs, and puts everything back afterwards,
 flag of every submodule, requires_grad, `.grad`, buffers, the fast-path switch, and no hooks.
 
 Gradients are taken with `torch.autograd.grad` with respect to the trainable parameters (the inputs when nothing is
-trainable), so no parameter's `.grad` is touched; the per-site hooks read dL/d(pre-activation) as it passes. The loss is summed over
-samples (never averaged), so a sample's gradient does not depend on the batch it came in.
+trainable), so no parameter's `.grad` is touched; the per-site hooks read dL/d(pre-activation) as it passes.
+The loss is summed over samples (never averaged), so a sample's gradient does not depend on the batch it came in.
 """
 
 from __future__ import annotations
@@ -100,16 +100,12 @@ def _runnable(model: Any, name: str | None) -> _Runnable:
             "with torch.export.export(model, example_inputs)"
         )
     if not isinstance(model, nn.Module):
-        raise DeadNeuronError(
-            f"cannot scan a {type(model).__name__}; expected a torch.nn.Module or an ExportedProgram"
-        )
+        raise DeadNeuronError(f"cannot scan a {type(model).__name__}; expected a torch.nn.Module or an ExportedProgram")
     original = getattr(model, "_orig_mod", None)
     if isinstance(original, nn.Module):  # torch.compile: hooks fire only on the original module
         model = original
     run = _Runnable(model, name or type(model).__name__)
-    if isinstance(model, torch.fx.GraphModule) and any(
-        "nn_module_stack" in node.meta for node in model.graph.nodes
-    ):
+    if isinstance(model, torch.fx.GraphModule) and any("nn_module_stack" in node.meta for node in model.graph.nodes):
         run.graph_names, run.unobserved = graph_sites(model)
     return run
 
@@ -138,7 +134,10 @@ def _expected_input(run: _Runnable) -> str:
         return f"expected samples of shape {run.example_shape} (the program's example input)"
     for sub in run.module.modules():
         if isinstance(sub, nn.Linear):
-            return f"the first layer is Linear({sub.in_features}, ...): expected {sub.in_features} features on the last axis"
+            return (
+                f"the first layer is Linear({sub.in_features}, ...): expected {sub.in_features} features on the "
+                "last axis"
+            )
         if isinstance(sub, nn.modules.conv._ConvNd):
             return (
                 f"the first layer is {type(sub).__name__} with {sub.in_channels} input channels: expected "
@@ -191,8 +190,7 @@ def _resolve_loss(loss: str, y: torch.Tensor | None) -> str:
         return "mse" if y.is_floating_point() else "ce"
     if loss in ("ce", "mse") and y is None:
         raise DeadNeuronError(
-            f"--loss {loss} needs labels; pass data with labels (a .npz with 'y', an (x, y) pair) "
-            "or use --loss probe"
+            f"--loss {loss} needs labels; pass data with labels (a .npz with 'y', an (x, y) pair) or use --loss probe"
         )
     return loss
 
@@ -284,9 +282,7 @@ def _scan(
 ) -> _Scanned:
     module = run.module
     device, dtype = _device_dtype(module, run.example_dtype)
-    shape = (
-        tuple(input_shape) if input_shape is not None else (run.example_shape or _guess_sample_shape(module))
-    )
+    shape = tuple(input_shape) if input_shape is not None else (run.example_shape or _guess_sample_shape(module))
     if (
         data is None
         and run.example_shape is not None
@@ -442,11 +438,7 @@ def scan(
 def inspect(model: Any, *, input_shape: Sequence[int] | None = None) -> list[SiteInfo]:
     """The activation sites of `model` in order of first execution, from one forward pass on random inputs."""
     run = _runnable(model, None)
-    shape = (
-        tuple(input_shape)
-        if input_shape is not None
-        else (run.example_shape or _guess_sample_shape(run.module))
-    )
+    shape = tuple(input_shape) if input_shape is not None else (run.example_shape or _guess_sample_shape(run.module))
     if shape is None:
         raise DeadNeuronError(
             "inspect needs the shape of one sample to run the model once; pass --input-shape (e.g. 3,32,32)"

@@ -47,8 +47,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..options import check_include, check_to, resolve_epsilons
 from ..errors import DeadNeuronError
+from ..options import check_include, check_to, resolve_epsilons
 from ..reference import Form, check_form
 from .kinds import function_spec, is_inplace, module_kind, module_kinds
 from .sinerelu import SineReLU
