@@ -131,7 +131,8 @@ _NUMPY_DTYPES = (torch.float32, torch.float64)
 def _sin_(s: Tensor) -> Tensor:
     if s.device.type == "cpu" and s.dtype in _NUMPY_DTYPES:
         view = s.numpy()
-        np.sin(view, out=view)
+        with np.errstate(invalid="ignore"):  # sin(-inf) is nan, as in torch, which does not warn
+            np.sin(view, out=view)
         return s
     return s.sin_()
 
@@ -139,7 +140,8 @@ def _sin_(s: Tensor) -> Tensor:
 def _cos_(s: Tensor) -> Tensor:
     if s.device.type == "cpu" and s.dtype in _NUMPY_DTYPES:
         view = s.numpy()
-        np.cos(view, out=view)
+        with np.errstate(invalid="ignore"):  # cos(-inf) is nan, as in torch, which does not warn
+            np.cos(view, out=view)
         return s
     return s.cos_()
 
