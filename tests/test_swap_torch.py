@@ -246,6 +246,97 @@ def test_exported_in_place_relu_is_swapped():
     close(deadneuron.swap(model)(x), expected)
 
 
+class DigitsCNN(nn.Module):
+    """The architecture of sample_models/digits_cnn.pt2 (sample_models/make_samples.py), as an eager module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(32 * 4 * 4, 64)
+        self.relu3 = nn.ReLU()
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.conv1(x))
+        x = self.pool(self.relu2(self.conv2(x)))
+        return self.fc2(self.relu3(self.fc1(self.flatten(x))))
+
+
+def assert_same_sites(scanned, live, names) -> None:
+    """Two reports measure the same sites: names, kinds, units, dead/dormant/grad-dead units, statistics."""
+    assert [layer.name for layer in scanned.layers] == names
+    assert [layer.name for layer in live.layers] == names
+    assert not any("decomposed" in entry for entry in scanned.unobserved), scanned.unobserved
+    for a, b in zip(scanned.layers, live.layers, strict=True):
+        assert (a.kind, a.units, a.unit_axis) == (b.kind, b.units, b.unit_axis) == ("sinerelu", b.units, 1)
+        assert a.dead_units == b.dead_units == []  # SineReLU's output is never exactly 0
+        assert a.dormant_units == b.dormant_units
+        assert a.grad_dead_units == b.grad_dead_units and a.grad_dead_units is not None
+        for field in ("fired", "positive", "grad_nonzero", "nonfinite"):
+            np.testing.assert_array_equal(getattr(a.stats, field), getattr(b.stats, field), err_msg=field)
+        for field in ("grad_abs_sum", "max_abs", "inactive_sum"):
+            np.testing.assert_allclose(getattr(a.stats, field), getattr(b.stats, field), rtol=1e-5, err_msg=field)
+    assert scanned.samples == live.samples and scanned.loss == live.loss
+
+
+def test_swapped_pt2_scans_its_sinerelus_as_the_live_swapped_model(tmp_path):
+    from deadneuron import api
+
+    out = tmp_path / "swapped.pt2"
+    api.swap_file(SAMPLE, out)  # what `deadneuron swap digits_cnn.pt2 --to sinerelu -o swapped.pt2` writes
+    program = torch.export.load(out)
+    assert all(n.op != "call_module" or n.target == "_guards_fn" for n in program.module().graph.nodes)
+    live = DigitsCNN()
+    live.load_state_dict(torch.export.load(SAMPLE).state_dict)
+    live = deadneuron.swap(live.eval())
+    data = ROOT / "sample_models" / "digits_heldout.npz"
+    names = ["relu1", "relu2", "relu3"]
+    scanned = deadneuron.scan(program, data, gtol=1e-6)
+    assert_same_sites(scanned, deadneuron.scan(live, data, gtol=1e-6), names)
+    assert scanned.dormant > 0 and scanned.layer("relu3").dormant_units  # the sample's dead ReLUs, now dormant
+    # The graph module of the original program, swapped into SineReLU submodules, agrees too.
+    graph_live = deadneuron.swap(torch.export.load(SAMPLE).module())
+    assert_same_sites(scanned, deadneuron.scan(graph_live, data, gtol=1e-6), names)
+    # inspect names the same sites; the loaded program itself keeps its aten ops (folding works on a copy).
+    infos = deadneuron.inspect(program)
+    assert [(i.name, i.kind, i.units) for i in infos] == [
+        ("relu1", "sinerelu", 16),
+        ("relu2", "sinerelu", 32),
+        ("relu3", "sinerelu", 64),
+    ]
+    assert any(n.target is torch.ops.aten.sin.default for n in program.graph_module.graph.nodes)
+
+
+@pytest.mark.parametrize("form", ["piecewise", "max"])
+def test_swapped_program_in_place_and_max_form_fold_into_sites(form):
+    from deadneuron.torch.sites import fold_sinerelu
+
+    torch.manual_seed(0)
+    model = InPlace().eval()
+    batch = torch.export.Dim("batch", min=1)
+    program = deadneuron.swap(
+        torch.export.export(model, (torch.randn(2, 4),), dynamic_shapes=({0: batch},)), form=form
+    )
+    x = torch.randn(40, 4) * 3
+    module = program.module()
+    expected = module(x)
+    # Only the tagged module (`act`, in place) folds; the functional relu's decomposition has no module to name it.
+    assert fold_sinerelu(module) == 1
+    close(module(x), expected)
+    live = deadneuron.swap(model, form=form)
+    scanned, measured = deadneuron.scan(program, x), deadneuron.scan(live, x)
+    a, b = scanned.layer("act"), measured.layer("act")
+    assert [layer.name for layer in scanned.layers] == ["act"]
+    assert (a.kind, a.units, a.dormant_units) == (b.kind, b.units, b.dormant_units)
+    assert a.grad_dead_units == b.grad_dead_units
+    assert a.kind == "sinerelu" and a.dead_units == []
+
+
 def _hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -27,7 +27,7 @@ from ..report import Report, SiteInfo
 from .accumulate import collect
 from .batches import Target, batches
 from .loading import load_model as _load_model
-from .sites import SiteWatcher, graph_sites
+from .sites import SiteWatcher, fold_sinerelu, graph_sites
 
 __all__ = ["inspect", "load_model", "scan"]
 
@@ -82,7 +82,8 @@ class _Runnable:
 
 def _runnable(model: Any, name: str | None) -> _Runnable:
     if isinstance(model, torch.export.ExportedProgram):
-        module = model.module()
+        module = model.module()  # a new graph module each call: folding leaves `model` as it was
+        fold_sinerelu(module)  # SineReLUs that `deadneuron swap` wrote out in aten ops become sites again
         run = _Runnable(module, name or "ExportedProgram")
         run.graph_names, run.unobserved = graph_sites(module)
         args = model.example_inputs[0] if model.example_inputs else ()

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import handle_torch_function, has_torch_function
 
 # Kinds whose output is > 0 exactly where the pre-activation is > 0 (for positive slopes): "dormant" can be read
 # from the output, which is all that is left after an in-place call.
@@ -98,6 +99,21 @@ def _hardtanh_is_relu6(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return _is_zero(low) and high == 6
 
 
+def folded_sinerelu(x: torch.Tensor, epsilon: float, form: str, inplace: bool) -> torch.Tensor:
+    """`deadneuron.torch.sinerelu.sinerelu`, visible to a `TorchFunctionMode` (a plain Python function is not).
+
+    A scan of a swapped `.pt2` folds each SineReLU that `swap_exported` wrote out in aten ops back into one call
+    of this (`sites.fold_sinerelu`), so the scan's functional-site machinery sees it as a "sinerelu" site.
+    """
+    if has_torch_function((x,)):
+        return handle_torch_function(  # type: ignore[no-any-return]
+            folded_sinerelu, (x,), x, epsilon, form, inplace
+        )
+    from .sinerelu import sinerelu
+
+    return sinerelu(x, epsilon, form, inplace)  # type: ignore[arg-type]
+
+
 def _functional_specs() -> dict[Any, FunctionSpec]:
     T = torch.Tensor
     specs: dict[Any, FunctionSpec] = {
@@ -122,6 +138,7 @@ def _functional_specs() -> dict[Any, FunctionSpec]:
         F.hardswish: FunctionSpec("hardswish", "hardswish", inplace_arg=1),
         F.mish: FunctionSpec("mish", "mish", inplace_arg=1),
         F.softplus: FunctionSpec("softplus", "softplus"),
+        folded_sinerelu: FunctionSpec("sinerelu", "sinerelu", inplace_arg=3),
     }
     fn: Any
     for fn in (torch.clamp, T.clamp, torch.clip, T.clip):
