@@ -15,23 +15,20 @@ benchmarks/sinerelu_keras.py (the Keras half) when it exists, passing --quick on
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from timing import Step, measure  # benchmarks/timing.py: run as `python benchmarks/...`
 
 from deadneuron.torch import sinerelu
 
 EPSILON = 0.0025
 Activation = Callable[[torch.Tensor], torch.Tensor]
-Step = Callable[[], object]
 
 
 def naive_where(x: torch.Tensor) -> torch.Tensor:
@@ -87,27 +84,6 @@ def saved_for_backward(fn: Activation, x: torch.Tensor) -> tuple[int, int]:
         fn(leaf)
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in packed}
     return len(packed), sum(storages.values())
-
-
-def calls_per_run(step: Step, target_s: float) -> int:
-    """Calls that make one timed run last about `target_s`: a 64K call is too short to time alone."""
-    start = time.perf_counter()
-    step()
-    once = max(time.perf_counter() - start, 1e-7)
-    return max(1, min(2000, math.ceil(target_s / once)))
-
-
-def measure(steps: dict[str, Step], rounds: int, target_s: float) -> dict[str, float]:
-    """Median milliseconds per call of each step over `rounds` interleaved rounds."""
-    loops = {name: calls_per_run(step, target_s) for name, step in steps.items()}
-    samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(loops[name]):
-                step()
-            samples[name].append((time.perf_counter() - start) / loops[name] * 1e3)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def run_keras_half(quick: bool) -> None:

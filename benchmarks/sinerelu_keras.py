@@ -13,23 +13,20 @@ the table shows medians. Prints Markdown for docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from timing import Step, measure  # noqa: E402  (benchmarks/timing.py)
 
 from deadneuron.keras import sinerelu  # noqa: E402
 from deadneuron.keras.sinerelu import GRAPH_MIN_ELEMENTS, _generic_kernel  # noqa: E402
 
 EPSILON = 0.0025
-Step = Callable[[], object]
 
 
 def keras_contrib_formula(z: tf.Tensor) -> tf.Tensor:
@@ -65,27 +62,6 @@ def forward_backward_step(fn: Callable[[tf.Tensor], tf.Tensor], x: tf.Tensor, up
         return tape.gradient(y, x, output_gradients=upstream)
 
     return step
-
-
-def calls_per_run(step: Step, target_s: float) -> int:
-    """How many calls make one timed run last about `target_s`: small tensors need loops to be measurable."""
-    start = time.perf_counter()
-    step()
-    once = max(time.perf_counter() - start, 1e-6)
-    return max(1, min(1000, math.ceil(target_s / once)))
-
-
-def measure(steps: dict[str, Step], runs: int, target_s: float) -> dict[str, float]:
-    """Median milliseconds per call of each step over `runs` interleaved runs (after a warm-up call each)."""
-    loops = {name: calls_per_run(step, target_s) for name, step in steps.items()}
-    samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(runs):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(loops[name]):
-                step()
-            samples[name].append((time.perf_counter() - start) / loops[name] * 1e3)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main() -> None:

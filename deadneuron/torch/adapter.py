@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import DeadNeuronError
 from ..report import Report, SiteInfo
 from .accumulate import collect
-from .batches import Target, batches
+from .batches import Batch, Target, batches
 from .loading import load_model as _load_model
 from .sites import SiteWatcher, fold_sinerelu, graph_sites
 
@@ -109,6 +109,31 @@ def _runnable(model: Any, name: str | None) -> _Runnable:
     if isinstance(model, torch.fx.GraphModule) and any("nn_module_stack" in node.meta for node in model.graph.nodes):
         run.graph_names, run.unobserved = graph_sites(model)
     return run
+
+
+def run_batches(
+    run: _Runnable,
+    data: Any,
+    *,
+    batch_size: int,
+    labels: Any,
+    samples: int | None,
+    input_shape: Sequence[int] | None,
+    seed: int,
+) -> Iterator[Batch]:
+    """The (x, y, valid) batches of `data` for `run`, on its device and dtype; random inputs shaped from
+    `input_shape`, the program's example input or the first layer when `data` is None."""
+    device, dtype = _device_dtype(run.module, run.example_dtype)
+    shape = tuple(input_shape) if input_shape is not None else (run.example_shape or _guess_sample_shape(run.module))
+    return batches(
+        data,
+        labels=labels,
+        batch_size=batch_size,
+        samples=samples,
+        input_shape=shape,
+        seed=seed,
+        target=Target(device, dtype, run.static_batch),
+    )
 
 
 def _device_dtype(module: nn.Module, fallback: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
@@ -282,8 +307,6 @@ def _scan(
     probe: Probe | None = None,
 ) -> _Scanned:
     module = run.module
-    device, dtype = _device_dtype(module, run.example_dtype)
-    shape = tuple(input_shape) if input_shape is not None else (run.example_shape or _guess_sample_shape(module))
     if (
         data is None
         and run.example_shape is not None
@@ -294,14 +317,8 @@ def _scan(
             f"--input-shape {tuple(input_shape)} does not fit the program; expected samples of "
             f"shape {run.example_shape} (its example input)"
         )
-    stream = batches(
-        data,
-        labels=labels,
-        batch_size=batch_size,
-        samples=samples,
-        input_shape=shape,
-        seed=seed,
-        target=Target(device, dtype, run.static_batch),
+    stream = run_batches(
+        run, data, batch_size=batch_size, labels=labels, samples=samples, input_shape=input_shape, seed=seed
     )
     gradients = loss != "none"
     warnings: list[str] = []

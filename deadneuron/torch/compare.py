@@ -19,7 +19,7 @@ The framework-free glue (the scans, the revival counts, the Comparison) lives in
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -28,7 +28,6 @@ from torch import nn
 
 from ..errors import DeadNeuronError
 from . import adapter
-from .batches import Batch, Target, batches
 from .swap import _copy, _Options, swap, swap_graph_module
 
 __all__ = ["finetune", "predictions", "sample_shape", "scannable_swap"]
@@ -52,33 +51,6 @@ def sample_shape(model: Any, input_shape: Sequence[int] | None) -> tuple[int, ..
     if isinstance(model, torch.export.ExportedProgram):
         return adapter._runnable(model, None).example_shape
     return None
-
-
-def _stream(
-    run: Any,
-    data: Any,
-    *,
-    batch_size: int,
-    labels: Any,
-    samples: int | None,
-    input_shape: Sequence[int] | None,
-    seed: int,
-) -> Iterator[Batch]:
-    device, dtype = adapter._device_dtype(run.module, run.example_dtype)
-    shape = (
-        tuple(input_shape)
-        if input_shape is not None
-        else (run.example_shape or adapter._guess_sample_shape(run.module))
-    )
-    return batches(
-        data,
-        labels=labels,
-        batch_size=batch_size,
-        samples=samples,
-        input_shape=shape,
-        seed=seed,
-        target=Target(device, dtype, run.static_batch),
-    )
 
 
 def _first_output(run: Any, x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +78,7 @@ def predictions(
     classifier = True
     agreed: torch.Tensor | None = None
     with adapter._preserved(before.module), adapter._preserved(after.module), torch.no_grad():
-        for x, _, valid in _stream(
+        for x, _, valid in adapter.run_batches(
             before,
             data,
             batch_size=batch_size,
@@ -181,7 +153,7 @@ def finetune(
             torch.manual_seed(seed)
             while done < steps:
                 seen = False
-                for x, y, valid in _stream(
+                for x, y, valid in adapter.run_batches(
                     run,
                     data,
                     batch_size=batch_size,
