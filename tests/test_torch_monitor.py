@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +22,7 @@ from deadneuron import DeadNeuronError  # noqa: E402
 from deadneuron.torch import DeadNeuronMonitor  # noqa: E402
 
 DEAD = [0, 1, 2, 3, 4]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class MLP(nn.Module):
@@ -305,10 +310,11 @@ def test_compiled_model_is_observed_on_sampled_steps():
     assert frame._stance.stance == "default"
 
 
-def test_ddp_wrapped_model_is_hooked_through_module(tmp_path):
+def ddp_wrapped_model_is_hooked_through_module() -> None:
+    """Run in a child process by the test below: a one-rank gloo group on an in-memory store."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         model = _model("mlp")
         wrapped = nn.parallel.DistributedDataParallel(model)
@@ -319,6 +325,17 @@ def test_ddp_wrapped_model_is_hooked_through_module(tmp_path):
         _assert_same(monitor.report(), _scan(model, batches))
     finally:
         dist.destroy_process_group()
+
+
+def test_ddp_wrapped_model_is_hooked_through_module():
+    # In a child process with a deadline: a process group is process-wide state, and gloo waits on sockets with no
+    # timeout of its own; a CI run once hung here for over an hour (file:// store, hostname-resolved interface).
+    # The in-memory store and the loopback interface leave nothing to the machine's network setup.
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    code = "from tests.test_torch_monitor import ddp_wrapped_model_is_hooked_through_module as t; t()"
+    child = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=240)
+    assert child.returncode == 0, child.stderr[-3000:]
 
 
 def test_options_and_misuse_are_clear_errors():
