@@ -19,13 +19,15 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from timing import Step, measure  # benchmarks/timing.py: run as `python benchmarks/...`
 
-from deadneuron.torch import sinerelu
+from deadneuron.torch import compile_kernels, sinerelu
+from deadneuron.torch.kernels import suspended
 
 EPSILON = 0.0025
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -35,6 +37,11 @@ def naive_where(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, x, EPSILON * (torch.sin(x) - torch.cos(x)))
 
 
+def eager(x: torch.Tensor, form: str = "piecewise") -> torch.Tensor:
+    with suspended():  # the default path: no compiled kernels, even when this run built them
+        return sinerelu(x, EPSILON, form=form)  # type: ignore[arg-type]
+
+
 def keras_contrib_max(x: torch.Tensor) -> torch.Tensor:
     # keras_contrib.layers.SineReLU.call in torch ops: two transcendentals, autograd's gradients.
     return torch.maximum(EPSILON * (torch.sin(x) - torch.cos(x)), x)
@@ -42,12 +49,14 @@ def keras_contrib_max(x: torch.Tensor) -> torch.Tensor:
 
 RELU = "torch.relu"
 OURS = "deadneuron sinerelu (piecewise)"
+COMPILED = "deadneuron sinerelu (piecewise, compile_kernels())"
 NAIVE = "naive where(x > 0, x, eps*(sin - cos))"
 CONTRIB = "keras-contrib max(eps*(sin - cos), x)"
 VARIANTS: dict[str, Activation] = {
     RELU: torch.relu,
-    OURS: lambda x: sinerelu(x, EPSILON),
-    "deadneuron sinerelu (form='max')": lambda x: sinerelu(x, EPSILON, form="max"),
+    OURS: eager,
+    "deadneuron sinerelu (form='max')": lambda x: eager(x, "max"),
+    COMPILED: lambda x: sinerelu(x, EPSILON),
     NAIVE: naive_where,
     CONTRIB: keras_contrib_max,
 }
@@ -114,12 +123,16 @@ def main() -> None:
     rounds = args.rounds or (3 if args.quick else 9)
     sizes = [1 << 20, 1 << 16] if args.quick else [1 << 24, 1 << 16]
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    start = time.perf_counter()
+    status = compile_kernels()  # opt-in fused kernels for the COMPILED row (tensors >= 1M elements)
+    build_s = time.perf_counter() - start
 
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch.set_num_threads({torch.get_num_threads()}); float32 standard-normal input, "
         f"epsilon {EPSILON}; "
-        f"median of {rounds} interleaved rounds; forward under no_grad, forward+backward via autograd.grad"
+        f"median of {rounds} interleaved rounds; forward under no_grad, forward+backward via autograd.grad; "
+        f"compile_kernels() took {build_s:.1f} s ({status}, TorchInductor's disk cache may have been warm)"
     )
     print()
     print(
@@ -154,6 +167,12 @@ def main() -> None:
             f"forward, {naive_fb / fb:.2f}x forward+backward (target >= 3x); keras-contrib / deadneuron = "
             f"{result[f'{CONTRIB}/fwd'] / fwd:.2f}x forward, "
             f"{result[f'{CONTRIB}/fb'] / fb:.2f}x forward+backward"
+        )
+        fwd, fb = result[f"{COMPILED}/fwd"], result[f"{COMPILED}/fb"]
+        summary.append(
+            f"{size:,} elements, after compile_kernels(): deadneuron / torch.relu = {fwd / relu_f:.2f}x forward, "
+            f"{fb / relu_fb:.2f}x forward+backward (target <= 1.3x); naive / deadneuron = {naive_fb / fb:.2f}x "
+            "forward+backward"
         )
     print()
     for line in summary:

@@ -11,6 +11,9 @@ branch selection done by multiplying with 0/1 float masks. Only the output (and 
 allocated at full size, as for torch.relu. One transcendental per element per pass: sin(z - pi/4) forward,
 cos(z - pi/4) backward. The backward recomputes from the saved input, the only tensor saved.
 
+`deadneuron.torch.compile_kernels()` (opt-in, `kernels.py`) builds fused CPU kernels for float32/float64 that then
+take every whole million-element piece of a large tensor; the rest stays on this eager path.
+
 On other devices the same ops run on the whole tensor at once (chunking only helps a CPU cache), and under
 torch.compile/torch.export a plain composition is traced instead, which the compiler fuses itself.
 """
@@ -29,6 +32,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..errors import DeadNeuronError
 from ..reference import DEFAULT_EPSILON, Form, check_form
+from . import kernels
 
 __all__ = ["SineReLU", "sinerelu"]
 
@@ -156,6 +160,11 @@ def _forward_flat(src: Tensor, dst: Tensor, epsilon: float, form: str) -> None:
     if n == 0:
         return
     k = epsilon * math.sqrt(2.0)
+    done = kernels.forward(src, dst, k, form)  # whole pieces, when compile_kernels() has built a kernel
+    if done:
+        src, dst, n = src[done:], dst[done:], n - done
+        if n == 0:
+            return
     ctype = _compute_dtype(src.dtype)
     upcast = ctype != src.dtype
     chunk = _chunk_size(src)
@@ -196,6 +205,12 @@ def _backward_flat(src: Tensor, grad: Tensor, dst: Tensor, epsilon: float, form:
     ctype = _compute_dtype(src.dtype)
     upcast = ctype != src.dtype or grad.dtype != src.dtype
     crossing = 0.0 if form == "piecewise" else _max_form_crossing(epsilon, ctype)
+    if crossing is not None:
+        done = kernels.backward(src, grad, dst, k, crossing, form)
+        if done:
+            src, grad, dst, n = src[done:], grad[done:], dst[done:], n - done
+            if n == 0:
+                return
     chunk = _chunk_size(src)
 
     def buffer() -> Tensor:
