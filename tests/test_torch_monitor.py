@@ -318,6 +318,7 @@ def ddp_wrapped_model_is_hooked_through_module() -> None:
     try:
         model = _model("mlp")
         wrapped = nn.parallel.DistributedDataParallel(model)
+        print("stage: ddp ready", flush=True)  # what follows is deadneuron's part
         batches = _batches("mlp", 2)
         with DeadNeuronMonitor(wrapped, every=1, window=2) as monitor:
             _train(wrapped, monitor, batches, lr=0.0)
@@ -333,8 +334,14 @@ def test_ddp_wrapped_model_is_hooked_through_module():
     # The in-memory store and the loopback interface leave nothing to the machine's network setup.
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     code = "from tests.test_torch_monitor import ddp_wrapped_model_is_hooked_through_module as t; t()"
-    child = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=240)
+    try:
+        child = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                               timeout=240)
+    except subprocess.TimeoutExpired as hung:
+        said = hung.stdout.decode() if isinstance(hung.stdout, bytes) else (hung.stdout or "")
+        if "stage: ddp ready" in said:
+            raise AssertionError("the monitor hung on a DDP-wrapped model") from hung
+        pytest.skip("this machine's gloo did not set up a one-rank process group within 240 s (not deadneuron's part)")
     assert child.returncode == 0, child.stderr[-3000:]
 
 
