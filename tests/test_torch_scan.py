@@ -139,6 +139,38 @@ def test_functional_calls_are_sites_and_a_module_is_never_counted_twice():
     ]
 
 
+class FunctionalSineReLU(nn.Module):
+    """deadneuron.torch.sinerelu called as a function, out of place and in place; units 0-2 of fc1 dormant by
+    construction (zero incoming weights, negative bias), units 1 and 4 of fc2's output gradient-dead (zero
+    outgoing weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(6, 8), nn.Linear(8, 5), nn.Linear(5, 3)
+        with torch.no_grad():
+            self.fc1.weight[:3] = 0.0
+            self.fc1.bias[:3] = -1.0
+            self.out.weight[:, [1, 4]] = 0.0
+
+    def forward(self, x):
+        from deadneuron.torch import sinerelu
+
+        h = sinerelu(self.fc1(x), 0.025)
+        return self.out(sinerelu(self.fc2(h), 0.025, inplace=True))
+
+
+def test_functional_sinerelu_is_one_site_per_call():
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    report = deadneuron.scan(FunctionalSineReLU(), (x, y))
+    assert [(layer.name, layer.kind) for layer in report.layers] == [("sinerelu()", "sinerelu"),
+                                                                      ("sinerelu()#2", "sinerelu")]
+    assert report.unobserved == []  # its internal clamp/chunk ops are not taken for sites
+    first, second = report.layers
+    assert first.dead_units == [] and first.dormant_units == [0, 1, 2]  # SineReLU(z <= 0) is not 0
+    assert second.grad_dead_units == [1, 4]
+
+
 class ViewInplace(nn.Module):
     def __init__(self):
         super().__init__()

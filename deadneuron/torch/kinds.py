@@ -140,6 +140,9 @@ def _functional_specs() -> dict[Any, FunctionSpec]:
         F.softplus: FunctionSpec("softplus", "softplus"),
         folded_sinerelu: FunctionSpec("sinerelu", "sinerelu", inplace_arg=3),
     }
+    from .sinerelu import sinerelu
+
+    specs[sinerelu] = FunctionSpec("sinerelu", "sinerelu", inplace_arg=3)
     fn: Any
     for fn in (torch.clamp, T.clamp, torch.clip, T.clip):
         specs[fn] = FunctionSpec("relu", fn.__name__, check=_clamp_is_relu)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.overrides import handle_torch_function, has_torch_function_unary
 
 from ..errors import DeadNeuronError
 from ..reference import DEFAULT_EPSILON, Form, check_form
@@ -352,6 +353,10 @@ def sinerelu(
         if inplace:
             return x.copy_(_traceable(x, epsilon, form))
         return _traceable(x, epsilon, form)
+    if has_torch_function_unary(x):
+        # One call that a TorchFunctionMode (a scan's functional sites) or a tensor subclass sees whole, so that a
+        # functional SineReLU is a site and its internal chunk ops are not taken for activations.
+        return handle_torch_function(sinerelu, (x,), x, epsilon, form, inplace)  # type: ignore[no-any-return]
     needs_grad = torch.is_grad_enabled() and x.requires_grad
     if inplace:
         if needs_grad:
