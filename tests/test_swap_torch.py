@@ -325,16 +325,18 @@ def test_swapped_program_in_place_and_max_form_fold_into_sites(form):
     x = torch.randn(40, 4) * 3
     module = program.module()
     expected = module(x)
-    # Only the tagged module (`act`, in place) folds; the functional relu's decomposition has no module to name it.
-    assert fold_sinerelu(module) == 1
+    # Both fold: the module (`act`, in place) and the functional relu, which keeps the name a scan gave the ReLU.
+    assert fold_sinerelu(module) == 2
     close(module(x), expected)
     live = deadneuron.swap(model, form=form)
     scanned, measured = deadneuron.scan(program, x), deadneuron.scan(live, x)
-    a, b = scanned.layer("act"), measured.layer("act")
-    assert [layer.name for layer in scanned.layers] == ["act"]
-    assert (a.kind, a.units, a.dormant_units) == (b.kind, b.units, b.dormant_units)
-    assert a.grad_dead_units == b.grad_dead_units
-    assert a.kind == "sinerelu" and a.dead_units == []
+    assert [layer.name for layer in scanned.layers] == ["act", "relu()"]
+    assert scanned.unobserved == []
+    # The live swap routes functional calls through one shared module, `functional_sinerelu.dense`.
+    for a, b in zip(scanned.layers, measured.layers, strict=True):
+        assert (a.kind, a.units, a.dormant_units) == (b.kind, b.units, b.dormant_units)
+        assert a.grad_dead_units == b.grad_dead_units
+        assert a.kind == "sinerelu" and a.dead_units == []
 
 
 def _hash(path: Path) -> str:
@@ -375,3 +377,37 @@ def test_state_dict_swap_explains_and_writes_nothing(tmp_path):
     assert _hash(path) == digest and not (tmp_path / "out.pt").exists()
     with pytest.raises(DeadNeuronError, match="ending in .pt2"):
         deadneuron.api.swap_file(SAMPLE, tmp_path / "out.keras")
+
+
+class FunctionalDormant(nn.Module):
+    """F.relu after fc1, whose units 0-2 are dead by construction (zero incoming weights, negative bias)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+        with torch.no_grad():
+            self.fc1.weight[:3] = 0.0
+            self.fc1.bias[:3] = -1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def test_saved_swapped_program_keeps_a_functional_relu_as_a_site(tmp_path):
+    from deadneuron import api
+
+    torch.manual_seed(0)
+    original = tmp_path / "functional.pt2"
+    batch = torch.export.Dim("batch", min=1)
+    torch.export.save(
+        torch.export.export(FunctionalDormant().eval(), (torch.randn(2, 4),), dynamic_shapes=({0: batch},)), original
+    )
+    swapped = tmp_path / "swapped.pt2"
+    api.swap_file(original, swapped)
+    x = torch.randn(50, 4)
+    before, after = deadneuron.scan(torch.export.load(original), x), deadneuron.scan(torch.export.load(swapped), x)
+    assert [(layer.name, layer.kind, layer.dead_units) for layer in before.layers] == [("relu()", "relu", [0, 1, 2])]
+    assert [(layer.name, layer.kind, layer.dead_units, layer.dormant_units) for layer in after.layers] == [
+        ("relu()", "sinerelu", [], [0, 1, 2])
+    ]
+    assert after.unobserved == []

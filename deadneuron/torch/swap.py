@@ -2,26 +2,20 @@
 
 Three kinds of model, three mechanisms:
 - An eager `nn.Module` is deep-copied. Every activation module of a swapped kind (`nn.ReLU`, in-place or not;
-  `nn.ReLU6`/`nn.LeakyReLU` on request) is replaced by a `SineReLU` with the same `inplace` flag, in one
-  recursive
-  pass that replaces a child only where it changes (a module shared by two parents stays shared). Functional
-  calls
-  (`F.relu`, `torch.relu`, `Tensor.relu`/`relu_`, `clamp(min=0)`, ...) cannot be edited out of the model's
-  code:
-  the copy's `forward` is wrapped on the instance so that every call of it runs under a `TorchFunctionMode`
-  that
-  sends those calls to SineReLU. The swapped model therefore works when called normally, with no context
-  manager.
-  The functional calls go through two SineReLU modules registered on the copy as `functional_sinerelu.conv`
-  and
+  `nn.ReLU6`/`nn.LeakyReLU` on request) is replaced by a `SineReLU` with the same `inplace` flag, in one recursive
+  pass that replaces a child only where it changes (a module shared by two parents stays shared). Functional calls
+  (`F.relu`, `torch.relu`, `Tensor.relu`/`relu_`, `clamp(min=0)`, ...) cannot be edited out of the model's code:
+  the copy's `forward` is wrapped on the instance so that every call of it runs under a `TorchFunctionMode` that
+  sends those calls to SineReLU. The swapped model therefore works when called normally, with no context manager.
+  The functional calls go through two SineReLU modules registered on the copy as `functional_sinerelu.conv` and
   `.dense`, so that scans see them as SineReLU sites (one site per call, in order).
-- A graph module from `torch.export` (`ExportedProgram.module()`) gets its activation nodes replaced by calls
-  of
+- A graph module from `torch.export` (`ExportedProgram.module()`) gets its activation nodes replaced by calls of
   `SineReLU` submodules registered at the activation's module path (`relu1`), so site names are unchanged.
 - An `ExportedProgram` gets its activation nodes rewritten into the SineReLU formula written with aten ops
-  (`where(z > 0, z, eps*sqrt(2)*sin(min(z, 0) - pi/4))`), so the program saved with `torch.export.save` loads
-  and
-  runs with plain `torch.export.load`, without deadneuron installed.
+  (`where(z > 0, z, eps*sqrt(2)*sin(min(z, 0) - pi/4))`), so the program saved with `torch.export.save` loads and
+  runs with plain `torch.export.load`, without deadneuron installed. The new nodes are tagged as a SineReLU in
+  `nn_module_stack` (a functional ReLU gets an entry of its own, named as a scan names the call), so that a scan
+  of the saved program folds each back into one site under the ReLU's name (`sites.fold_sinerelu`).
 
 Epsilon per site (design.md: the article's 0.0025 after convolutions, 0.025 after dense layers). "After"
 means:
@@ -438,13 +432,20 @@ def _decompose(graph: torch.fx.Graph, node: torch.fx.Node, epsilon: float, form:
     fake_mode = getattr(fake, "fake_mode", None)
     scale = epsilon * math.sqrt(2.0)
     meta = dict(node.meta)
+    # Say what the nodes are, so that a scan of the saved program folds them back into one SineReLU site
+    # (`sites.fold_sinerelu`) under the name the ReLU had: the module's path, or for a functional call the name a
+    # scan gives it (`block.relu()`), as a module entry of its own.
+    tag = f"{SineReLU.__module__}.{SineReLU.__qualname__}"
+    stack = dict(meta.get("nn_module_stack") or {})
     entry = _activation_entry(node)
     if entry is not None:
-        # Say what the nodes are: a scan lists them as a SineReLU decomposed into primitive ops.
-        stack = dict(meta.get("nn_module_stack") or {})
-        key = list(stack)[-1]
-        stack[key] = (entry[0], f"{SineReLU.__module__}.{SineReLU.__qualname__}")
-        meta["nn_module_stack"] = stack
+        stack[list(stack)[-1]] = (entry[0], tag)
+    else:
+        spec = function_spec(node.target, tuple(node.args), dict(node.kwargs))
+        owner = list(stack.values())[-1][0] if stack else ""
+        label = f"{spec.label if spec is not None else 'relu'}()"
+        stack[f"deadneuron_sinerelu_{node.name}"] = (f"{owner}.{label}" if owner else label, tag)
+    meta["nn_module_stack"] = stack
     base = f"{node.name}_sinerelu"
 
     def emit(op: Any, *args: Any) -> torch.fx.Node:
