@@ -1,8 +1,8 @@
 """Streaming per-unit statistics of one activation site: sums and maxima only, so merging is exact.
 
-Adapters keep the same fields as tensors on the model's device, reduce into them inside their hooks, and hand
-them over once per report as numpy arrays (`SiteStats`). `FIELDS` says how each field merges, which is also how
-ranks are all-reduced.
+Adapters keep the same fields as tensors on the model's device, reduce into them inside their hooks, and hand them
+over once per report as numpy arrays (`SiteStats`). `FIELDS` says how each field merges, which is also how ranks are
+all-reduced.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Keras 3 support: SineReLU and, as they are built, the adapter, loading and the callback.
 
-Importing this package imports Keras (and so registers "deadneuron>SineReLU" for loading); `import deadneuron`
-does not import it.
+Importing this package imports Keras (and so registers "deadneuron>SineReLU" for loading); `import deadneuron` does
+not import it.
 """
 
 from __future__ import annotations

@@ -1,17 +1,16 @@
 """The Keras adapter: `load_model`, `scan` and `inspect` (docs/architecture.md, "The adapter contract").
 
 A scan wraps every candidate site (`sites.py`), runs one eager pass on two samples of the first batch to learn the
-sites in order of first execution and their shapes, then streams the batches through one step per batch:
-forward under a gradient tape, the loss, dL/d(pre-activation) for every site at once, and the per-unit reductions
-added into Keras variables (`accumulate.py`). On TensorFlow the step is a `tf.function`; on the torch backend it
-runs eagerly with `torch.autograd.grad`. The JAX backend is refused. The wrappers are removed in `finally`.
+sites in order of first execution and their shapes, then streams the batches through one step per batch: forward
+under a gradient tape, the loss, dL/d(pre-activation) for every site at once, and the per-unit reductions added into
+Keras variables (`accumulate.py`). On TensorFlow the step is a `tf.function`; on the torch backend it runs eagerly
+with `torch.autograd.grad`. The JAX backend is refused. The wrappers are removed in `finally`.
 
 Loss rules (design.md): with labels, cross-entropy on logits for integer labels and MSE for float targets; without,
 the random-cotangent probe L = sum_n <v_n, f(x_n)> with v ~ N(0, I) drawn from `seed`. Losses are sums over samples,
-so a sample's gradient does not depend on the batch size. When a Sequential or Functional model ends in a softmax
-or sigmoid, its input is captured during the scan and the cross-entropy is taken on those logits (probabilities
-clipped by a loss would zero the gradient of confident samples); for a subclassed model the output is taken as the
-logits.
+so a sample's gradient does not depend on the batch size. When a Sequential or Functional model ends in a softmax or
+sigmoid, its input is captured during the scan and the cross-entropy is taken on those logits (probabilities clipped
+by a loss would zero the gradient of confident samples); for a subclassed model the output is taken as the logits.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ progress bar always come last), so it must come first in `callbacks=[...]`.
 Distribution: the probe is scanned whole, on the mirrored weights (identical on every replica after each step),
 outside any replica context. That is what summing per-replica scans of shards of the probe would give, without the
 reduction. Keras runs `on_epoch_end` outside the strategy's scope; when `fit` itself was called inside
-`strategy.scope()`, the scan runs in a short-lived worker thread, whose distribution context is the default one,
-so its statistics variables are plain variables (mirrored ones cannot be read back to the host there).
+`strategy.scope()`, the scan runs in a short-lived worker thread, whose distribution context is the default one, so
+its statistics variables are plain variables (mirrored ones cannot be read back to the host there).
 """
 
 from __future__ import annotations

@@ -3,11 +3,9 @@
 The framework-free glue (the scans, the revival counts, the Comparison) lives in `deadneuron.api.compare`.
 
 - `predictions`: argmax agreement and relative L2 drift of the model's (single) output, `training=False`.
-- `finetune`: copies of both models (clones with the weights copied, or deep copies of subclassed models),
-  compiled with Adam(lr) and trained with `train_on_batch` on the same batches in data order (cycling). The
-  loss
-  is sparse/categorical cross-entropy for integer/one-hot labels (on logits unless the model ends in a softmax
-  or
+- `finetune`: copies of both models (clones with the weights copied, or deep copies of subclassed models), compiled
+  with Adam(lr) and trained with `train_on_batch` on the same batches in data order (cycling). The loss is
+  sparse/categorical cross-entropy for integer/one-hot labels (on logits unless the model ends in a softmax or
   sigmoid) or MSE for float targets, as in a scan.
 """
 

@@ -1,26 +1,19 @@
 """Swapping ReLU for SineReLU in a Keras model: a new model, the original untouched (design.md, issue 5).
 
-- Sequential and Functional models (nested ones too) are cloned with
-  `keras.models.clone_model(recursive=True)`
-  and a clone function that turns a ReLU layer or `Activation("relu")` into a `SineReLU` layer of the same
-  name,
-  a fused `activation="relu"` into `activation=SineReLU(eps)`, and a raw `keras.ops.relu` operation of a
-  Functional graph into a `SineReLU` layer called in its place (the clone rebuilds the graph); then every
-  weight
-  is copied. The clone saves to `.keras` and loads again once `deadneuron.keras` is imported.
+- Sequential and Functional models (nested ones too) are cloned with `keras.models.clone_model(recursive=True)` and
+  a clone function that turns a ReLU layer or `Activation("relu")` into a `SineReLU` layer of the same name, a fused
+  `activation="relu"` into `activation=SineReLU(eps)`, and a raw `keras.ops.relu` operation of a Functional graph
+  into a `SineReLU` layer called in its place (the clone rebuilds the graph); then every weight is copied. The clone
+  saves to `.keras` and loads again once `deadneuron.keras` is imported.
 - Subclassed models cannot be cloned (Keras refuses): they are deep-copied and swapped live on the copy: fused
-  activations and `Activation` layers get a SineReLU as their `activation`, ReLU layer attributes are replaced
-  by
-  SineReLU layers. Activation functions called inside a subclassed model's own `call` (`keras.ops.relu(x)`
-  there)
-  are plain function calls and stay ReLU; `swap` says so with a warning only when it cannot be sure, so check
-  the
+  activations and `Activation` layers get a SineReLU as their `activation`, ReLU layer attributes are replaced by
+  SineReLU layers. Activation functions called inside a subclassed model's own `call` (`keras.ops.relu(x)` there)
+  are plain function calls and stay ReLU; `swap` says so with a warning only when it cannot be sure, so check the
   model's code.
 
-Epsilon per site: a fused activation takes its own layer's kind (Conv* -> the conv value, Dense -> the dense
-value); an activation layer or operation takes the nearest Conv/Dense layer before it in model order (the
-first
-one after it when none is before; the conv value when the model has neither).
+Epsilon per site: a fused activation takes its own layer's kind (Conv* -> the conv value, Dense -> the dense value);
+an activation layer or operation takes the nearest Conv/Dense layer before it in model order (the first one after it
+when none is before; the conv value when the model has neither).
 """
 
 from __future__ import annotations

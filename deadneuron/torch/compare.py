@@ -2,19 +2,15 @@
 
 The framework-free glue (the scans, the revival counts, the Comparison) lives in `deadneuron.api.compare`.
 
-- `scannable_swap`: an `nn.Module` is swapped as `swap` does; an `ExportedProgram` is swapped into a graph
-  module
-  whose SineReLUs are submodules at the ReLUs' module paths, so that the scan sees them under the same names
-  (`swap` of a program writes plain aten ops instead, which run without deadneuron but are no site a scan
-  sees).
-- `predictions`: argmax agreement and relative L2 drift of the first floating output, in eval mode, streamed:
-  two sums and two counts live on the device, one host transfer at the end.
-- `finetune`: copies of both models trained `steps` steps with Adam(lr), in train mode where the model allows
-  it
-  (a torch.export graph keeps the mode it was exported in), on the same batches in data order (cycling), with
-  the same seed for anything random in the forward pass (dropout). Adam because it is how most models are
-  trained
-  and how the sample models died; it also means a small SineReLU gradient still moves a weight by about `lr`.
+- `scannable_swap`: an `nn.Module` is swapped as `swap` does; an `ExportedProgram` is swapped into a graph module
+  whose SineReLUs are submodules at the ReLUs' module paths, so that the scan sees them under the same names (`swap`
+  of a program writes plain aten ops instead, which run without deadneuron and which a scan folds back into sites).
+- `predictions`: argmax agreement and relative L2 drift of the first floating output, in eval mode, streamed: two
+  sums and two counts live on the device, one host transfer at the end.
+- `finetune`: copies of both models trained `steps` steps with Adam(lr), in train mode where the model allows it (a
+  torch.export graph keeps the mode it was exported in), on the same batches in data order (cycling), with the same
+  seed for anything random in the forward pass (dropout). Adam because it is how most models are trained and how the
+  sample models died; it also means a small SineReLU gradient still moves a weight by about `lr`.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 - `.pt2` (torch.export): every pickle inside the archive is checked for globals outside torch's weights-only
   allow-list before loading, and the load itself runs with `torch.load` forced to `weights_only=True`, so the
-  unpickling fallback of `torch.export.load` can never run a file's code. Archives with custom (TorchBind)
-  objects are refused.
-- state dicts (`.pt`, `.pth`, `.bin`, `.ckpt` with a `state_dict` key, `.safetensors`) need `arch`:
-  `FILE.py:NAME` or `pkg.module:NAME`, a class or a factory called without arguments.
+  unpickling fallback of `torch.export.load` can never run a file's code. Archives with custom (TorchBind) objects
+  are refused.
+- state dicts (`.pt`, `.pth`, `.bin`, `.ckpt` with a `state_dict` key, `.safetensors`) need `arch`: `FILE.py:NAME`
+  or `pkg.module:NAME`, a class or a factory called without arguments.
 - TorchScript archives are refused with a pointer to torch.export; a fully pickled module loads only with
   `unsafe_pickle=True`.
 """

@@ -4,26 +4,24 @@ Three kinds of model, three mechanisms:
 - An eager `nn.Module` is deep-copied. Every activation module of a swapped kind (`nn.ReLU`, in-place or not;
   `nn.ReLU6`/`nn.LeakyReLU` on request) is replaced by a `SineReLU` with the same `inplace` flag, in one recursive
   pass that replaces a child only where it changes (a module shared by two parents stays shared). Functional calls
-  (`F.relu`, `torch.relu`, `Tensor.relu`/`relu_`, `clamp(min=0)`, ...) cannot be edited out of the model's code:
-  the copy's `forward` is wrapped on the instance so that every call of it runs under a `TorchFunctionMode` that
-  sends those calls to SineReLU. The swapped model therefore works when called normally, with no context manager.
-  The functional calls go through two SineReLU modules registered on the copy as `functional_sinerelu.conv` and
+  (`F.relu`, `torch.relu`, `Tensor.relu`/`relu_`, `clamp(min=0)`, ...) cannot be edited out of the model's code: the
+  copy's `forward` is wrapped on the instance so that every call of it runs under a `TorchFunctionMode` that sends
+  those calls to SineReLU. The swapped model therefore works when called normally, with no context manager. The
+  functional calls go through two SineReLU modules registered on the copy as `functional_sinerelu.conv` and
   `.dense`, so that scans see them as SineReLU sites (one site per call, in order).
 - A graph module from `torch.export` (`ExportedProgram.module()`) gets its activation nodes replaced by calls of
   `SineReLU` submodules registered at the activation's module path (`relu1`), so site names are unchanged.
-- An `ExportedProgram` gets its activation nodes rewritten into the SineReLU formula written with aten ops
-  (`where(z > 0, z, eps*sqrt(2)*sin(min(z, 0) - pi/4))`), so the program saved with `torch.export.save` loads and
-  runs with plain `torch.export.load`, without deadneuron installed. The new nodes are tagged as a SineReLU in
-  `nn_module_stack` (a functional ReLU gets an entry of its own, named as a scan names the call), so that a scan
-  of the saved program folds each back into one site under the ReLU's name (`sites.fold_sinerelu`).
+- An `ExportedProgram` gets its activation nodes rewritten into the SineReLU formula written with aten ops (`where(z
+  > 0, z, eps*sqrt(2)*sin(min(z, 0) - pi/4))`), so the program saved with `torch.export.save` loads and runs with
+  plain `torch.export.load`, without deadneuron installed. The new nodes are tagged as a SineReLU in
+  `nn_module_stack` (a functional ReLU gets an entry of its own, named as a scan names the call), so that a scan of
+  the saved program folds each back into one site under the ReLU's name (`sites.fold_sinerelu`).
 
-Epsilon per site (design.md: the article's 0.0025 after convolutions, 0.025 after dense layers). "After"
-means:
-- for a module site, the nearest Conv/Linear module before it in the model's registration order
-  (`named_modules()`); for functional calls, the last convolution or linear function executed before the call;
-  in a graph, the last convolution or linear node before the activation node;
-- with no convolution or linear layer before a site, the first one after it decides; with none at all, the
-  conv
+Epsilon per site (design.md: the article's 0.0025 after convolutions, 0.025 after dense layers). "After" means:
+- for a module site, the nearest Conv/Linear module before it in the model's registration order (`named_modules()`);
+  for functional calls, the last convolution or linear function executed before the call; in a graph, the last
+  convolution or linear node before the activation node;
+- with no convolution or linear layer before a site, the first one after it decides; with none at all, the conv
   value (SineReLU's default, 0.0025).
 """
 
