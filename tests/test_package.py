@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from deadneuron.cli import main
 
 from .conftest import last_line, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_import_and_help_load_no_framework():
@@ -82,3 +86,15 @@ def test_python_dash_m_works():
     result = run_cli("inspect", "--help")
     assert result.returncode == 0, result.stderr
     assert "activation sites" in result.stdout
+
+
+@pytest.mark.slow
+def test_the_prepared_gpu_check_runs_dry_on_the_cpu():
+    # benchmarks/cuda_check.py is the one script a session lent a GPU runs; keep it working where there is none.
+    done = subprocess.run(
+        [sys.executable, "benchmarks/cuda_check.py", "--device", "cpu"], cwd=ROOT, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert [summary[check]["ok"] for check in ("sinerelu", "scan", "compare_monitor")] == [True, True, True]
