@@ -19,7 +19,7 @@ from deadneuron import DeadNeuronError, sinerelu_reference
 from deadneuron.reference import sinerelu_grad_reference
 from deadneuron.torch import clear_kernels, compile_kernels, kernel_status, sinerelu
 from deadneuron.torch import kernels as kernel_module
-from deadneuron.torch.kernels import KERNEL_ELEMENTS, suspended
+from deadneuron.torch.kernels import KERNEL_ELEMENTS, PIECES, suspended
 
 from .test_sinerelu_torch import assert_matches, grid, impl
 
@@ -39,12 +39,16 @@ def built():
     clear_kernels()
 
 
-def long_grid(dtype: torch.dtype, epsilon: float, pieces: int = 2, tail: int = 1001) -> torch.Tensor:
-    """`pieces` kernel pieces and a tail, each piece holding the whole grid (zeros, the band, the crossing)."""
+COVERED = PIECES[0] + 2 * PIECES[-1]  # one large piece and two small ones, then an eager tail
+
+
+def long_grid(dtype: torch.dtype, epsilon: float, tail: int = 1001) -> torch.Tensor:
+    """COVERED elements for the kernels and a tail, each piece holding the whole grid (zeros, the band, the
+    crossing)."""
     base = grid(dtype, epsilon)
     specials = torch.tensor([math.inf, -math.inf, math.nan], dtype=dtype)
     base = torch.cat([specials, base])
-    n = pieces * KERNEL_ELEMENTS + tail
+    n = COVERED + tail
     return base.repeat(n // base.numel() + 1)[:n].contiguous()
 
 
@@ -71,10 +75,10 @@ def test_kernels_match_the_reference_and_the_eager_path(epsilon, form, dtype):
     # The kernel really takes the whole pieces (and only them).
     out = torch.empty_like(x)
     k = epsilon * math.sqrt(2)
-    assert kernel_module.forward(x, out, k, form) == 2 * KERNEL_ELEMENTS
+    assert kernel_module.forward(x, out, k, form) == COVERED
     cross = 0.0 if form == "piecewise" else impl._max_form_crossing(epsilon, dtype)
     if cross is not None:  # eps*sqrt(2) <= 1; above it the max form's backward compares branches, eagerly
-        assert kernel_module.backward(x, torch.ones_like(x), out, k, cross, form) == 2 * KERNEL_ELEMENTS
+        assert kernel_module.backward(x, torch.ones_like(x), out, k, cross, form) == COVERED
     with np.errstate(invalid="ignore"):
         expected, expected_grad = sinerelu_reference(z, epsilon, form), sinerelu_grad_reference(z, epsilon, form)
     y, grad = values_and_grad(x, epsilon, form)
@@ -142,7 +146,7 @@ def test_a_failing_kernel_warns_once_and_the_eager_path_finishes():
     def broken(*args):
         raise RuntimeError("kernel exploded")
 
-    kernel_module._ready[key] = kernel_module._Kernels(broken, broken, broken)
+    kernel_module._ready[key] = tuple(kernel_module._Kernels(size, broken, broken, broken) for size in PIECES)
     try:
         x = torch.randn(2 * KERNEL_ELEMENTS)
         with pytest.warns(RuntimeWarning, match="piecewise are off.*call failed: RuntimeError: kernel exploded"):

@@ -362,3 +362,35 @@ def test_numpy_and_integer_epsilons_are_accepted():
     assert SineReLU(np.float32(0.5)).epsilon == 0.5
     assert SineReLU(0).epsilon == 0.0
     torch.testing.assert_close(sinerelu(torch.tensor([-1.0, 2.0]), 0), torch.tensor([0.0, 2.0]))
+
+
+def test_pooled_scratch_survives_inference_mode_threads_and_reuse():
+    # The CPU scratch vectors are pooled per thread; the first ones may be made inside inference mode and must still
+    # be writable outside it, and threads must not share them.
+    import threading
+
+    x = torch.randn(3 * impl.CHUNK_ELEMENTS + 5)
+    z_ref = x.double().numpy()
+    expected = sinerelu_reference(z_ref, 0.025)
+    failures: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        try:
+            with torch.inference_mode():
+                y = sinerelu(x, 0.025)
+            for _ in range(5):
+                leaf = x.clone().requires_grad_()
+                z = sinerelu(leaf, 0.025)
+                (grad,) = torch.autograd.grad(z.sum(), leaf)
+                assert_matches(z, expected, z_ref, 0.025)
+                assert_matches(grad, sinerelu_grad_reference(z_ref, 0.025), z_ref, 0.025)
+            assert_matches(y, expected, z_ref, 0.025)
+        except BaseException as error:  # noqa: BLE001 - reported by the main thread
+            failures.append(error)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []

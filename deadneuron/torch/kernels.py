@@ -5,18 +5,20 @@ costs ~1.3x torch.relu forward and ~2x forward+backward on 16M float32 elements 
 loop per direction (load z, one transcendental, select, store) is what closes that gap, and TorchInductor writes
 that loop for us. It costs seconds of compilation per shape, so:
 
-- `compile_kernels()` compiles kernels for one fixed 1-D length, `KERNEL_ELEMENTS`, per dtype and form: forward,
-  in-place forward and backward, with epsilon (and the max form's crossing point) passed as 0-d tensors, so one
-  compilation serves every epsilon and every tensor of at least `KERNEL_ELEMENTS` elements. A tensor is then run as
-  whole `KERNEL_ELEMENTS` pieces through the kernel and its tail through the eager path. Smaller tensors stay eager:
-  below ~1M elements the eager path is within the noise of a kernel call (`benchmarks/sinerelu.py`).
+- `compile_kernels()` compiles kernels for two fixed 1-D lengths, `PIECES` (1M and 256K elements), per dtype and
+  form: forward, in-place forward and backward, with epsilon (and the max form's crossing point) passed as 0-d
+  tensors, so one compilation serves every epsilon and every tensor of at least `KERNEL_ELEMENTS` (256K) elements.
+  A tensor is run as whole 1M pieces, then whole 256K pieces, through the kernels and its tail (< 256K) through the
+  eager path. Two sizes because each call of a kernel has a fixed cost: 256K pieces alone made 16M elements ~1.37x
+  relu where 1M pieces made it ~1.2x, and 1M pieces alone left tensors of 256K-1M elements eager (~18x relu forward
+  at 256K, against ~6.6x with a 256K kernel). Smaller tensors stay eager.
 - Nothing compiles unless `compile_kernels()` is called: by default (`wait=True`) it blocks until the kernels are
   built, at a moment the caller chooses; `wait=False` builds them on a daemon thread while SineReLU runs eagerly.
   Fork after a background build has finished, not during it (a DataLoader worker forked while the build thread holds
   a lock could wait on it forever): call with `wait=True` before starting worker processes.
 - The graph is traced with make_fx and handed to `torch._inductor.compile`, not torch.compile: the result is a plain
   callable with no dynamo guards, so calling it can never trigger a recompilation. Its inputs are checked here
-  instead (CPU, dtype, 1-D contiguous views of exactly `KERNEL_ELEMENTS`).
+  instead (CPU, dtype, 1-D contiguous views of exactly one of the `PIECES` lengths).
 - Any failure, while compiling or on a call, falls back to eager for good for that dtype and form, with one
   RuntimeWarning that names the cause; `kernel_status()` reports it. `clear_kernels()` forgets every kernel.
 
@@ -41,23 +43,24 @@ from torch import Tensor
 from ..errors import DeadNeuronError
 from ..reference import check_form
 
-__all__ = ["KERNEL_ELEMENTS", "clear_kernels", "compile_kernels", "kernel_status", "suspended"]
+__all__ = ["KERNEL_ELEMENTS", "PIECES", "clear_kernels", "compile_kernels", "kernel_status", "suspended"]
 
-# 1M elements (4 MiB of float32) per call: 256K to 4M measured alike on 16M elements; below ~256K the per-call cost
-# of the Python wrapper starts to show, and a larger piece leaves more of a tensor to the eager tail.
-KERNEL_ELEMENTS = 1 << 20
+# Lengths the kernels are compiled for, largest first (4 MiB and 1 MiB of float32); see the module docstring.
+PIECES = (1 << 20, 1 << 18)
+KERNEL_ELEMENTS = PIECES[-1]  # the smallest tensor that a kernel takes
 _QUARTER_PI = math.pi / 4
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
 class _Kernels:
+    size: int  # the one length they take
     forward: Callable[..., Any]  # (z, out, k)
     forward_: Callable[..., Any]  # (z, k): in place
     backward: Callable[..., Any]  # (z, g, out, k, crossing)
 
 
-_ready: dict[tuple[torch.dtype, str], _Kernels] = {}
+_ready: dict[tuple[torch.dtype, str], tuple[_Kernels, ...]] = {}  # one per PIECES length, largest first
 _failed: dict[tuple[torch.dtype, str], str] = {}
 _building: dict[tuple[torch.dtype, str], threading.Thread] = {}
 _lock = threading.Lock()
@@ -94,21 +97,24 @@ def _graphs(form: str) -> tuple[Callable[..., Any], Callable[..., Any], Callable
     return forward, forward_, backward
 
 
-def _build(dtype: torch.dtype, form: str) -> _Kernels:
+def _build(dtype: torch.dtype, form: str) -> tuple[_Kernels, ...]:
     import torch._inductor
     import torch._inductor.config
     from torch.fx.experimental.proxy_tensor import make_fx
 
     forward, forward_, backward = _graphs(form)
-    z, g, out = (torch.zeros(KERNEL_ELEMENTS, dtype=dtype) for _ in range(3))
-    k, crossing = torch.zeros((), dtype=dtype), torch.zeros((), dtype=dtype)
+    built = []
     # In this process: a pool of compile workers would fork from whatever thread is building.
     with torch._inductor.config.patch(compile_threads=1), torch.no_grad():
-        compiled = []
-        for fn, args in ((forward, (z, out, k)), (forward_, (z, k)), (backward, (z, g, out, k, crossing))):
-            graph = make_fx(fn)(*args)
-            compiled.append(torch._inductor.compile(graph, list(args)))
-    return _Kernels(*compiled)
+        for size in PIECES:
+            z, g, out = (torch.zeros(size, dtype=dtype) for _ in range(3))
+            k, crossing = torch.zeros((), dtype=dtype), torch.zeros((), dtype=dtype)
+            compiled = []
+            for fn, args in ((forward, (z, out, k)), (forward_, (z, k)), (backward, (z, g, out, k, crossing))):
+                graph = make_fx(fn)(*args)
+                compiled.append(torch._inductor.compile(graph, list(args)))
+            built.append(_Kernels(size, *compiled))
+    return tuple(built)
 
 
 def _build_into_registry(dtype: torch.dtype, form: str) -> None:
@@ -155,9 +161,9 @@ def compile_kernels(
     *,
     wait: bool = True,
 ) -> dict[str, str]:
-    """Build the fused CPU kernels that SineReLU then uses on tensors of >= KERNEL_ELEMENTS elements.
+    """Build the fused CPU kernels that SineReLU then uses on tensors of >= KERNEL_ELEMENTS (256K) elements.
 
-    Takes ~5-15 s per dtype and form on 2 cores the first time (TorchInductor caches on disk, so a later process
+    Takes ~10-20 s per dtype and form on 2 cores the first time (TorchInductor caches on disk, so a later process
     is faster). With `wait=False` the build runs on a daemon thread and SineReLU stays eager until it is done.
     Returns `kernel_status()`. Kernels that failed to build are reported there, with one RuntimeWarning.
     """
@@ -208,7 +214,7 @@ def suspended() -> Iterator[None]:
         _suspended.on = before
 
 
-def _usable(src: Tensor, form: str, *others: Tensor) -> _Kernels | None:
+def _usable(src: Tensor, form: str, *others: Tensor) -> tuple[_Kernels, ...] | None:
     if not _ready or getattr(_suspended, "on", False) or src.device.type != "cpu" or src.numel() < KERNEL_ELEMENTS:
         return None
     kernels = _ready.get((src.dtype, form))
@@ -224,25 +230,32 @@ def _scalar(value: float, dtype: torch.dtype) -> Tensor:
     return torch.tensor(value, dtype=dtype)
 
 
+def _pieces(n: int, kernels: tuple[_Kernels, ...]) -> Iterator[tuple[slice, _Kernels]]:
+    """Whole pieces from the start of an n-element vector: as many of the largest length as fit, then the next."""
+    start = 0
+    for kernel in kernels:
+        while n - start >= kernel.size:
+            yield slice(start, start + kernel.size), kernel
+            start += kernel.size
+
+
 def forward(src: Tensor, dst: Tensor, k: float, form: str) -> int:
-    """dst[:m] = SineReLU(src[:m]) for the largest m, a multiple of KERNEL_ELEMENTS, that a kernel can do;
-    returns m (0 when no kernel applies). `k` is epsilon * sqrt(2); dst may be src."""
+    """dst[:m] = SineReLU(src[:m]) for the longest m made of whole pieces that the kernels can do; returns m (0 when
+    no kernel applies). `k` is epsilon * sqrt(2); dst may be src."""
     kernels = _usable(src, form, dst)
     if kernels is None:
         return 0
     inplace = dst.data_ptr() == src.data_ptr()
     scale = _scalar(k, src.dtype)
-    stop = src.numel() - src.numel() % KERNEL_ELEMENTS
     done = 0
     try:
         with torch.no_grad():
-            for start in range(0, stop, KERNEL_ELEMENTS):
-                piece = slice(start, start + KERNEL_ELEMENTS)
+            for piece, kernel in _pieces(src.numel(), kernels):
                 if inplace:
-                    kernels.forward_(src[piece], scale)
+                    kernel.forward_(src[piece], scale)
                 else:
-                    kernels.forward(src[piece], dst[piece], scale)
-                done = start + KERNEL_ELEMENTS
+                    kernel.forward(src[piece], dst[piece], scale)
+                done = piece.stop
     except Exception as exc:  # noqa: BLE001 - the eager path finishes the tensor
         _give_up((src.dtype, form), f"a call failed: {type(exc).__name__}: {exc}")
     return done
@@ -254,14 +267,12 @@ def backward(src: Tensor, grad: Tensor, dst: Tensor, k: float, crossing: float, 
     if kernels is None:
         return 0
     scale, threshold = _scalar(k, src.dtype), _scalar(crossing, src.dtype)
-    stop = src.numel() - src.numel() % KERNEL_ELEMENTS
     done = 0
     try:
         with torch.no_grad():
-            for start in range(0, stop, KERNEL_ELEMENTS):
-                piece = slice(start, start + KERNEL_ELEMENTS)
-                kernels.backward(src[piece], grad[piece], dst[piece], scale, threshold)
-                done = start + KERNEL_ELEMENTS
+            for piece, kernel in _pieces(src.numel(), kernels):
+                kernel.backward(src[piece], grad[piece], dst[piece], scale, threshold)
+                done = piece.stop
     except Exception as exc:  # noqa: BLE001
         _give_up((src.dtype, form), f"a call failed: {type(exc).__name__}: {exc}")
     return done
