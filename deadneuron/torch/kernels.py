@@ -1,7 +1,7 @@
 """Compiled CPU kernels for SineReLU: opt-in, built when asked, never on a call.
 
 The eager SineReLU (`sinerelu.py`) runs 6-7 elementwise passes per cache-sized chunk plus numpy's sin or cos, and
-costs ~1.3x torch.relu forward and ~2x forward+backward on 16M float32 elements (docs/benchmarks.md). One fused
+costs ~1.5-2x torch.relu forward and forward+backward on 16M float32 elements (docs/benchmarks.md). One fused
 loop per direction (load z, one transcendental, select, store) is what closes that gap, and TorchInductor writes
 that loop for us. It costs seconds of compilation per shape, so:
 
@@ -10,8 +10,8 @@ that loop for us. It costs seconds of compilation per shape, so:
   tensors, so one compilation serves every epsilon and every tensor of at least `KERNEL_ELEMENTS` (256K) elements.
   A tensor is run as whole 1M pieces, then whole 256K pieces, through the kernels and its tail (< 256K) through the
   eager path. Two sizes because each call of a kernel has a fixed cost: 256K pieces alone made 16M elements ~1.37x
-  relu where 1M pieces made it ~1.2x, and 1M pieces alone left tensors of 256K-1M elements eager (~18x relu forward
-  at 256K, against ~6.6x with a 256K kernel). Smaller tensors stay eager.
+  relu where 1M pieces made it ~1.2x, and 1M pieces alone left tensors of 256K-1M elements eager (~17x relu forward
+  at 256K, against ~6x with a 256K kernel). Smaller tensors stay eager.
 - Nothing compiles unless `compile_kernels()` is called: by default (`wait=True`) it blocks until the kernels are
   built, at a moment the caller chooses; `wait=False` builds them on a daemon thread while SineReLU runs eagerly.
   Fork after a background build has finished, not during it (a DataLoader worker forked while the build thread holds
