@@ -376,7 +376,10 @@ def graph_sites(graph_module: torch.fx.GraphModule) -> tuple[list[str], list[str
             if isinstance(cls, str)
             else f"{getattr(cls, '__module__', '')}.{getattr(cls, '__qualname__', '')}"
         )
-        if cls_name in by_class:
+        swapped = swapped_site_name(node)
+        if swapped is not None:  # a functional ReLU that `deadneuron swap` wrote out, folded back
+            base = swapped
+        elif cls_name in by_class:
             base = path or by_class[cls_name]
             seen_paths.add(path)
         else:
@@ -428,9 +431,24 @@ def fold_sinerelu(graph_module: torch.fx.GraphModule) -> int:
     return folded
 
 
+def _site_key() -> str:
+    from .swap import SITE_KEY
+
+    return SITE_KEY
+
+
+def swapped_site_name(node: Any) -> str | None:
+    """The site name `swap_exported` gave a functional ReLU it wrote out as SineReLU (in `custom` metadata)."""
+    custom = node.meta.get("custom") if isinstance(node, torch.fx.Node) else None
+    name = custom.get(_site_key()) if isinstance(custom, dict) else None
+    return name if isinstance(name, str) else None
+
+
 def _tagged(node: Any) -> bool:
     if not isinstance(node, torch.fx.Node) or node.op != "call_function":
         return False
+    if swapped_site_name(node) is not None:
+        return True
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return False

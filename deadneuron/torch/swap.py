@@ -48,6 +48,7 @@ from .sinerelu import SineReLU
 __all__ = ["swap", "swap_module", "swap_graph_module", "swap_exported", "site_epsilons"]
 
 FUNCTIONAL_NAME = "functional_sinerelu"
+SITE_KEY = "deadneuron_sinerelu_site"  # in a node's `custom` metadata: the site name of a swapped functional ReLU
 _QUARTER_PI = math.pi / 4
 
 _CONV_MODULES: tuple[type[nn.Module], ...] = (
@@ -431,19 +432,21 @@ def _decompose(graph: torch.fx.Graph, node: torch.fx.Node, epsilon: float, form:
     scale = epsilon * math.sqrt(2.0)
     meta = dict(node.meta)
     # Say what the nodes are, so that a scan of the saved program folds them back into one SineReLU site
-    # (`sites.fold_sinerelu`) under the name the ReLU had: the module's path, or for a functional call the name a
-    # scan gives it (`block.relu()`), as a module entry of its own.
-    tag = f"{SineReLU.__module__}.{SineReLU.__qualname__}"
-    stack = dict(meta.get("nn_module_stack") or {})
+    # (`sites.fold_sinerelu`) under the name the ReLU had. A module's nodes name SineReLU as their module's class
+    # in nn_module_stack; a functional call's nodes carry the name a scan gives the call (`block.relu()`) in the
+    # node's `custom` metadata, which torch.export saves and which adds no module (`torch.export.unflatten` builds
+    # modules from nn_module_stack).
     entry = _activation_entry(node)
     if entry is not None:
-        stack[list(stack)[-1]] = (entry[0], tag)
+        stack = dict(meta["nn_module_stack"])
+        stack[list(stack)[-1]] = (entry[0], f"{SineReLU.__module__}.{SineReLU.__qualname__}")
+        meta["nn_module_stack"] = stack
     else:
         spec = function_spec(node.target, tuple(node.args), dict(node.kwargs))
+        stack = meta.get("nn_module_stack") or {}
         owner = list(stack.values())[-1][0] if stack else ""
         label = f"{spec.label if spec is not None else 'relu'}()"
-        stack[f"deadneuron_sinerelu_{node.name}"] = (f"{owner}.{label}" if owner else label, tag)
-    meta["nn_module_stack"] = stack
+        meta["custom"] = {**(meta.get("custom") or {}), SITE_KEY: f"{owner}.{label}" if owner else label}
     base = f"{node.name}_sinerelu"
 
     def emit(op: Any, *args: Any) -> torch.fx.Node:
