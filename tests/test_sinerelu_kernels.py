@@ -19,7 +19,7 @@ from deadneuron import DeadNeuronError, sinerelu_reference
 from deadneuron.reference import sinerelu_grad_reference
 from deadneuron.torch import clear_kernels, compile_kernels, kernel_status, sinerelu
 from deadneuron.torch import kernels as kernel_module
-from deadneuron.torch.kernels import KERNEL_ELEMENTS, PIECES, suspended
+from deadneuron.torch.kernels import PIECES, suspended
 
 from .test_sinerelu_torch import assert_matches, grid, impl
 
@@ -39,16 +39,16 @@ def built():
     clear_kernels()
 
 
-COVERED = PIECES[0] + 2 * PIECES[-1]  # one large piece and two small ones, then an eager tail
+SMALL = PIECES[-1]
 
 
 def long_grid(dtype: torch.dtype, epsilon: float, tail: int = 1001) -> torch.Tensor:
-    """COVERED elements for the kernels and a tail, each piece holding the whole grid (zeros, the band, the
+    """One large piece, two small ones and a padded tail, each piece holding the whole grid (zeros, the band, the
     crossing)."""
     base = grid(dtype, epsilon)
     specials = torch.tensor([math.inf, -math.inf, math.nan], dtype=dtype)
     base = torch.cat([specials, base])
-    n = COVERED + tail
+    n = PIECES[0] + 2 * SMALL + tail
     return base.repeat(n // base.numel() + 1)[:n].contiguous()
 
 
@@ -75,10 +75,10 @@ def test_kernels_match_the_reference_and_the_eager_path(epsilon, form, dtype):
     # The kernel really takes the whole pieces (and only them).
     out = torch.empty_like(x)
     k = epsilon * math.sqrt(2)
-    assert kernel_module.forward(x, out, k, form) == COVERED
+    assert kernel_module.forward(x, out, k, form) == x.numel()
     cross = 0.0 if form == "piecewise" else impl._max_form_crossing(epsilon, dtype)
     if cross is not None:  # eps*sqrt(2) <= 1; above it the max form's backward compares branches, eagerly
-        assert kernel_module.backward(x, torch.ones_like(x), out, k, cross, form) == COVERED
+        assert kernel_module.backward(x, torch.ones_like(x), out, k, cross, form) == x.numel()
     with np.errstate(invalid="ignore"):
         expected, expected_grad = sinerelu_reference(z, epsilon, form), sinerelu_grad_reference(z, epsilon, form)
     y, grad = values_and_grad(x, epsilon, form)
@@ -102,7 +102,7 @@ def test_kernels_match_the_reference_and_the_eager_path(epsilon, form, dtype):
 
 
 def test_zero_maps_to_minus_epsilon_with_slope_epsilon_inside_a_piece():
-    x = torch.zeros(KERNEL_ELEMENTS, requires_grad=True)
+    x = torch.zeros(SMALL + 3, requires_grad=True)  # a piece and a padded tail
     y = sinerelu(x, 0.025)
     (grad,) = torch.autograd.grad(y.sum(), x)
     assert torch.allclose(y, torch.full_like(y, -0.025), rtol=1e-6, atol=0)
@@ -116,25 +116,40 @@ def test_views_and_layouts_use_the_kernel_where_they_can():
     np.testing.assert_allclose(sinerelu(channels_last).permute(0, 2, 3, 1).numpy(), reference, rtol=1e-6, atol=1e-9)
     strided = x[:, :, :, ::2]  # not dense: copied, then the kernel
     np.testing.assert_allclose(sinerelu(strided).numpy(), reference[:, :, :, ::2], rtol=1e-6, atol=1e-9)
-    offset = x.view(-1)[3 : 3 + KERNEL_ELEMENTS + 5]  # a misaligned start
-    out = torch.empty(KERNEL_ELEMENTS + 9)[4:]
-    assert kernel_module.forward(offset, out, 0.0025 * math.sqrt(2), "piecewise") == KERNEL_ELEMENTS
-    np.testing.assert_allclose(out[:KERNEL_ELEMENTS].numpy(), sinerelu_reference(offset[:KERNEL_ELEMENTS].numpy()),
-                               rtol=1e-6, atol=1e-9)
+    offset = x.view(-1)[3 : 3 + SMALL + 5]  # a misaligned start
+    out = torch.empty(SMALL + 9)[4:]
+    assert kernel_module.forward(offset, out, 0.0025 * math.sqrt(2), "piecewise") == SMALL + 5
+    np.testing.assert_allclose(out.numpy(), sinerelu_reference(offset.numpy()), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("n", [1, 7, SMALL - 1, SMALL + 1])
+def test_small_tensors_go_through_the_padded_piece(n):
+    x = torch.randn(n) * 4
+    x[0] = 0.0
+    out, grad = torch.empty_like(x), torch.empty_like(x)
+    k = 0.025 * math.sqrt(2)
+    assert kernel_module.forward(x, out, k, "piecewise") == n
+    assert kernel_module.backward(x, torch.ones_like(x), grad, k, 0.0, "piecewise") == n
+    z = x.double().numpy()
+    assert_matches(out, sinerelu_reference(z, 0.025), z, 0.025)
+    assert_matches(grad, sinerelu_grad_reference(z, 0.025), z, 0.025)
+    inplace = x.clone()
+    assert kernel_module.forward(inplace, inplace, k, "piecewise") == n
+    assert torch.equal(inplace, out)
 
 
 def test_what_the_kernels_do_not_take_stays_eager():
     k = 0.0025 * math.sqrt(2)
-    small = torch.randn(KERNEL_ELEMENTS - 1)
-    assert kernel_module.forward(small, torch.empty_like(small), k, "piecewise") == 0
-    half = torch.randn(KERNEL_ELEMENTS, dtype=torch.bfloat16)
+    half = torch.randn(SMALL, dtype=torch.bfloat16)
     assert kernel_module.forward(half, torch.empty_like(half), k, "piecewise") == 0
-    strided = torch.randn(2 * KERNEL_ELEMENTS)[::2]
-    assert kernel_module.forward(strided, torch.empty(KERNEL_ELEMENTS), k, "piecewise") == 0
-    x = torch.randn(KERNEL_ELEMENTS)
+    strided = torch.randn(2 * SMALL)[::2]
+    assert kernel_module.forward(strided, torch.empty(SMALL), k, "piecewise") == 0
+    empty = torch.empty(0)
+    assert kernel_module.forward(empty, empty.clone(), k, "piecewise") == 0
+    x = torch.randn(SMALL)
     with suspended():
         assert kernel_module.forward(x, torch.empty_like(x), k, "piecewise") == 0
-    assert kernel_module.forward(x, torch.empty_like(x), k, "piecewise") == KERNEL_ELEMENTS
+    assert kernel_module.forward(x, torch.empty_like(x), k, "piecewise") == SMALL
     y = sinerelu(half)  # computed in float32 by the eager path, returned in bfloat16
     assert y.dtype == torch.bfloat16
 
@@ -148,7 +163,7 @@ def test_a_failing_kernel_warns_once_and_the_eager_path_finishes():
 
     kernel_module._ready[key] = tuple(kernel_module._Kernels(size, broken, broken, broken) for size in PIECES)
     try:
-        x = torch.randn(2 * KERNEL_ELEMENTS)
+        x = torch.randn(2 * SMALL)
         with pytest.warns(RuntimeWarning, match="piecewise are off.*call failed: RuntimeError: kernel exploded"):
             y = sinerelu(x)
         np.testing.assert_allclose(y.numpy(), sinerelu_reference(x.numpy()), rtol=1e-6, atol=1e-9)
@@ -172,7 +187,7 @@ def test_a_failing_build_warns_and_reports(monkeypatch):
         with pytest.warns(RuntimeWarning, match="compiling failed: RuntimeError: no compiler here"):
             status = compile_kernels(dtypes=["float64"])
         assert status["float64/piecewise"] == "failed: compiling failed: RuntimeError: no compiler here"
-        x = torch.randn(KERNEL_ELEMENTS, dtype=torch.float64)
+        x = torch.randn(SMALL, dtype=torch.float64)
         np.testing.assert_allclose(sinerelu(x).numpy(), sinerelu_reference(x.numpy()), rtol=1e-12, atol=1e-15)
     finally:
         kernel_module._failed.pop(key, None)
@@ -184,7 +199,7 @@ def test_background_build_then_ready():
     try:
         status = compile_kernels(wait=False)
         assert status["float32/piecewise"] in ("building", "ready")
-        x = torch.randn(KERNEL_ELEMENTS)
+        x = torch.randn(SMALL)
         np.testing.assert_allclose(sinerelu(x).numpy(), sinerelu_reference(x.numpy()), rtol=1e-6, atol=1e-9)
         assert compile_kernels()["float32/piecewise"] == "ready"  # waits for the same build, starts no second one
     finally:

@@ -5,20 +5,20 @@ costs ~1.5-2x torch.relu forward and forward+backward on 16M float32 elements (d
 loop per direction (load z, one transcendental, select, store) is what closes that gap, and TorchInductor writes
 that loop for us. It costs seconds of compilation per shape, so:
 
-- `compile_kernels()` compiles kernels for two fixed 1-D lengths, `PIECES` (1M and 256K elements), per dtype and
-  form: forward, in-place forward and backward, with epsilon (and the max form's crossing point) passed as 0-d
-  tensors, so one compilation serves every epsilon and every tensor of at least `KERNEL_ELEMENTS` (256K) elements.
-  A tensor is run as whole 1M pieces, then whole 256K pieces, through the kernels and its tail (< 256K) through the
-  eager path. Two sizes because each call of a kernel has a fixed cost: 256K pieces alone made 16M elements ~1.37x
-  relu where 1M pieces made it ~1.2x, and 1M pieces alone left tensors of 256K-1M elements eager (~17x relu forward
-  at 256K, against ~6x with a 256K kernel). Smaller tensors stay eager.
+- `compile_kernels()` compiles kernels for four fixed 1-D lengths, `PIECES` (1M, 256K, 64K and 16K elements), per
+  dtype and form: forward, in-place forward and backward, with epsilon (and the max form's crossing point) passed
+  as 0-d tensors, so one compilation serves every epsilon and every tensor. A tensor runs as whole pieces, largest
+  first, and its last < 16K elements are copied into a zero-padded 16K vector for one more call. Why several
+  lengths (benchmarks/sinerelu.py, forward vs relu): with 256K pieces alone 16M elements took ~1.37x against ~1.2x
+  with 1M pieces; with 1M and 16K pieces only, 256K and 64K tensors took ~11x (many small calls, each with its own
+  OpenMP region) against ~5.6x with a piece of their size; the eager path takes 15-18x at those sizes.
 - Nothing compiles unless `compile_kernels()` is called: by default (`wait=True`) it blocks until the kernels are
   built, at a moment the caller chooses; `wait=False` builds them on a daemon thread while SineReLU runs eagerly.
   Fork after a background build has finished, not during it (a DataLoader worker forked while the build thread holds
   a lock could wait on it forever): call with `wait=True` before starting worker processes.
 - The graph is traced with make_fx and handed to `torch._inductor.compile`, not torch.compile: the result is a plain
   callable with no dynamo guards, so calling it can never trigger a recompilation. Its inputs are checked here
-  instead (CPU, dtype, 1-D contiguous views of exactly one of the `PIECES` lengths).
+  instead (CPU, dtype, 1-D contiguous vectors); every call gets exactly one of the `PIECES` lengths.
 - Any failure, while compiling or on a call, falls back to eager for good for that dtype and form, with one
   RuntimeWarning that names the cause; `kernel_status()` reports it. `clear_kernels()` forgets every kernel.
 
@@ -42,12 +42,12 @@ from torch import Tensor
 
 from ..errors import DeadNeuronError
 from ..reference import check_form
+from .pool import scratch_vectors
 
-__all__ = ["KERNEL_ELEMENTS", "PIECES", "clear_kernels", "compile_kernels", "kernel_status", "suspended"]
+__all__ = ["PIECES", "clear_kernels", "compile_kernels", "kernel_status", "suspended"]
 
-# Lengths the kernels are compiled for, largest first (4 MiB and 1 MiB of float32); see the module docstring.
-PIECES = (1 << 20, 1 << 18)
-KERNEL_ELEMENTS = PIECES[-1]  # the smallest tensor that a kernel takes
+# Lengths the kernels are compiled for, largest first (4 MiB and 64 KiB of float32); see the module docstring.
+PIECES = (1 << 20, 1 << 18, 1 << 16, 1 << 14)
 _QUARTER_PI = math.pi / 4
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -161,7 +161,7 @@ def compile_kernels(
     *,
     wait: bool = True,
 ) -> dict[str, str]:
-    """Build the fused CPU kernels that SineReLU then uses on tensors of >= KERNEL_ELEMENTS (256K) elements.
+    """Build the fused CPU kernels that SineReLU then uses on CPU tensors of that dtype and form, of any size.
 
     Takes ~10-20 s per dtype and form on 2 cores the first time (TorchInductor caches on disk, so a later process
     is faster). With `wait=False` the build runs on a daemon thread and SineReLU stays eager until it is done.
@@ -215,7 +215,7 @@ def suspended() -> Iterator[None]:
 
 
 def _usable(src: Tensor, form: str, *others: Tensor) -> tuple[_Kernels, ...] | None:
-    if not _ready or getattr(_suspended, "on", False) or src.device.type != "cpu" or src.numel() < KERNEL_ELEMENTS:
+    if not _ready or getattr(_suspended, "on", False) or src.device.type != "cpu" or src.numel() == 0:
         return None
     kernels = _ready.get((src.dtype, form))
     if kernels is None:
@@ -239,40 +239,67 @@ def _pieces(n: int, kernels: tuple[_Kernels, ...]) -> Iterator[tuple[slice, _Ker
             start += kernel.size
 
 
+def _padded(kernel: _Kernels, vectors: list[Tensor], tails: tuple[Tensor, ...]) -> list[Tensor]:
+    """The pooled vectors cut to the kernel's length, the first ones holding `tails` and zeros after them (a zero
+    is a cheap argument for the transcendental; stale values could be huge, which Sleef reduces slowly)."""
+    cut = [vector[: kernel.size] for vector in vectors]
+    for vector, tail in zip(cut, tails, strict=False):  # the output vectors hold no tail
+        vector[: tail.numel()].copy_(tail)
+        vector[tail.numel() :].zero_()
+    return cut
+
+
 def forward(src: Tensor, dst: Tensor, k: float, form: str) -> int:
-    """dst[:m] = SineReLU(src[:m]) for the longest m made of whole pieces that the kernels can do; returns m (0 when
-    no kernel applies). `k` is epsilon * sqrt(2); dst may be src."""
+    """dst = SineReLU(src) through the kernels; returns how many elements were done: all of them, or 0 when no kernel
+    applies, or fewer when a call failed (the eager path then does the rest). `k` is epsilon * sqrt(2); dst may be
+    src."""
     kernels = _usable(src, form, dst)
     if kernels is None:
         return 0
+    n = src.numel()
     inplace = dst.data_ptr() == src.data_ptr()
     scale = _scalar(k, src.dtype)
     done = 0
     try:
         with torch.no_grad():
-            for piece, kernel in _pieces(src.numel(), kernels):
+            for piece, kernel in _pieces(n, kernels):
                 if inplace:
                     kernel.forward_(src[piece], scale)
                 else:
                     kernel.forward(src[piece], dst[piece], scale)
                 done = piece.stop
+            if done < n:
+                small = kernels[-1]
+                with scratch_vectors(2, small.size, small.size, src.dtype, src.device) as vectors:
+                    z, out = _padded(small, vectors, (src[done:],))
+                    small.forward(z, out, scale)
+                    dst[done:].copy_(out[: n - done])
+                done = n
     except Exception as exc:  # noqa: BLE001 - the eager path finishes the tensor
         _give_up((src.dtype, form), f"a call failed: {type(exc).__name__}: {exc}")
     return done
 
 
 def backward(src: Tensor, grad: Tensor, dst: Tensor, k: float, crossing: float, form: str) -> int:
-    """dst[:m] = grad[:m] * SineReLU'(src[:m]), as `forward`; `crossing` is where the linear branch starts."""
+    """dst = grad * SineReLU'(src), as `forward`; `crossing` is where the linear branch starts."""
     kernels = _usable(src, form, grad, dst)
     if kernels is None:
         return 0
+    n = src.numel()
     scale, threshold = _scalar(k, src.dtype), _scalar(crossing, src.dtype)
     done = 0
     try:
         with torch.no_grad():
-            for piece, kernel in _pieces(src.numel(), kernels):
+            for piece, kernel in _pieces(n, kernels):
                 kernel.backward(src[piece], grad[piece], dst[piece], scale, threshold)
                 done = piece.stop
+            if done < n:
+                small = kernels[-1]
+                with scratch_vectors(3, small.size, small.size, src.dtype, src.device) as vectors:
+                    z, g, out = _padded(small, vectors, (src[done:], grad[done:]))
+                    small.backward(z, g, out, scale, threshold)
+                    dst[done:].copy_(out[: n - done])
+                done = n
     except Exception as exc:  # noqa: BLE001
         _give_up((src.dtype, form), f"a call failed: {type(exc).__name__}: {exc}")
     return done

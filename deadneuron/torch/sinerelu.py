@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -37,6 +34,7 @@ from torch.overrides import handle_torch_function, has_torch_function_unary
 from ..errors import DeadNeuronError
 from ..reference import DEFAULT_EPSILON, Form, check_form
 from . import kernels
+from .pool import scratch_vectors
 
 __all__ = ["SineReLU", "sinerelu"]
 
@@ -158,40 +156,6 @@ def _chunk_size(t: Tensor) -> int:
     return min(t.numel(), CHUNK_ELEMENTS) if t.device.type == "cpu" else t.numel()
 
 
-class _Pool(threading.local):
-    """Per thread: free CPU scratch vectors of CHUNK_ELEMENTS elements, by dtype, kept between calls."""
-
-    def __init__(self) -> None:
-        self.free: dict[torch.dtype, list[Tensor]] = {}
-
-
-_POOL = _Pool()
-
-
-@contextmanager
-def _buffers(count: int, chunk: int, dtype: torch.dtype, device: torch.device) -> Iterator[list[Tensor]]:
-    """`count` scratch vectors of at least `chunk` elements.
-
-    On CPU they come from a per-thread pool and go back to it: scratch allocated per call was handed back to the OS by
-    malloc's trimming and page-faulted in again on the next call, which cost 4x the whole op on 256K elements here
-    (1127 us against 285 us with the pool's effect). At most 7 x 1 MiB (float32) per thread and dtype stay allocated.
-    A nested call on the same thread takes fresh vectors. On other devices the caching allocator already reuses
-    memory, and the chunk is the whole tensor: they are allocated per call.
-    """
-    if device.type != "cpu":
-        yield [torch.empty(chunk, dtype=dtype, device=device) for _ in range(count)]
-        return
-    free = _POOL.free.setdefault(dtype, [])
-    taken = [free.pop() for _ in range(min(count, len(free)))]
-    if len(taken) < count:
-        with torch.inference_mode(False):  # a pooled vector made in inference mode could not be written outside it
-            taken += [torch.empty(CHUNK_ELEMENTS, dtype=dtype) for _ in range(count - len(taken))]
-    try:
-        yield taken
-    finally:
-        free.extend(taken)
-
-
 def _forward_flat(src: Tensor, dst: Tensor, epsilon: float, form: str) -> None:
     """dst = SineReLU(src) for 1-D tensors of one length; dst may be src (in place)."""
     n = src.numel()
@@ -207,7 +171,7 @@ def _forward_flat(src: Tensor, dst: Tensor, epsilon: float, form: str) -> None:
     upcast = ctype != src.dtype
     chunk = _chunk_size(src)
     count = 1 + (form == "piecewise") + 2 * upcast
-    with _buffers(count, chunk, ctype, src.device) as taken:
+    with scratch_vectors(count, chunk, CHUNK_ELEMENTS, ctype, src.device) as taken:
         scratch = taken[0]
         mask = taken[1] if form == "piecewise" else None
         src_buf, dst_buf = (taken[-2], taken[-1]) if upcast else (None, None)
@@ -259,7 +223,7 @@ def _backward_flat(src: Tensor, grad: Tensor, dst: Tensor, epsilon: float, form:
                 return
     chunk = _chunk_size(src)
     count = 3 + (crossing is None) + 3 * upcast
-    with _buffers(count, chunk, ctype, src.device) as taken:
+    with scratch_vectors(count, chunk, CHUNK_ELEMENTS, ctype, src.device) as taken:
         scratch, linear, sine = taken[:3]
         branch = taken[3] if crossing is None else None
         src_buf, grad_buf, dst_buf = (taken[-3], taken[-2], taken[-1]) if upcast else (None, None, None)
