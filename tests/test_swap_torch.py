@@ -144,9 +144,9 @@ def test_relu6_and_leaky_only_on_request():
 def test_options_are_validated_and_epsilon_sets_both():
     model = zoo.cnn()
     swapped = deadneuron.swap(model, epsilon=0.1)
-    assert swapped.relu.epsilon == 0.1 and swapped.functional_sinerelu["dense"].epsilon == 0.1
+    assert swapped.relu.epsilon == 0.1 and swapped._deadneuron_functional.modules["dense"].epsilon == 0.1
     split = deadneuron.swap(model, epsilon_conv=0.01, epsilon_dense=0.2)
-    assert split.relu.epsilon == 0.01 and split.functional_sinerelu["dense"].epsilon == 0.2
+    assert split.relu.epsilon == 0.01 and split._deadneuron_functional.modules["dense"].epsilon == 0.2
     with pytest.raises(DeadNeuronError, match="expected one of sinerelu"):
         deadneuron.swap(model, to="tanh")
     with pytest.raises(DeadNeuronError, match="either epsilon or epsilon_conv"):
@@ -165,7 +165,7 @@ def test_the_original_is_untouched():
     deadneuron.swap(model)
     assert model.training and "forward" not in vars(model)
     assert isinstance(model.relu, nn.ReLU)
-    assert not hasattr(model, "functional_sinerelu")
+    assert not hasattr(model, "_deadneuron_functional")
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     model.eval()
@@ -333,7 +333,7 @@ def test_swapped_program_in_place_and_max_form_fold_into_sites(form):
     scanned, measured = deadneuron.scan(program, x), deadneuron.scan(live, x)
     assert [layer.name for layer in scanned.layers] == ["act", "relu()"]
     assert scanned.unobserved == []
-    # The live swap routes functional calls through one shared module, `functional_sinerelu.dense`.
+    # The live swap's functional call is a `sinerelu()` site; the program keeps the ReLU's name.
     for a, b in zip(scanned.layers, measured.layers, strict=True):
         assert (a.kind, a.units, a.dormant_units) == (b.kind, b.units, b.dormant_units)
         assert a.grad_dead_units == b.grad_dead_units
@@ -417,3 +417,29 @@ def test_saved_swapped_program_keeps_a_functional_relu_as_a_site(tmp_path):
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation inside unflatten
         unflattened = torch.export.unflatten(torch.export.load(swapped))
     assert sorted(name for name, _ in unflattened.named_modules()) == ["", "fc1", "fc2"]
+
+
+class FunctionalBlock(nn.Module):
+    """A block that calls F.relu itself: only the swap's function mode can reach it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc(x))
+
+
+def test_swapped_sequential_runs_and_keeps_its_shape():
+    # A swap once registered its functional SineReLUs as a child, which nn.Sequential then ran as a layer.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), FunctionalBlock(), nn.Linear(6, 2))
+    swapped = deadneuron.swap(model)
+    assert len(swapped) == 4 and isinstance(swapped[-1], nn.Linear)
+    assert [name for name, _ in swapped.named_modules()] == ["", "0", "1", "2", "2.fc", "3"]
+    x = torch.randn(5, 4)
+    expected = lin(model[3], formula(lin(model[2].fc, formula(lin(model[0], x), DENSE)), DENSE))
+    close(swapped(x), expected)
+    close(copy.deepcopy(swapped)(x), expected)
+    report = deadneuron.scan(swapped, x)
+    assert [(layer.name, layer.kind) for layer in report.layers] == [("1", "sinerelu"), ("2.sinerelu()", "sinerelu")]

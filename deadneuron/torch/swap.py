@@ -7,8 +7,9 @@ Three kinds of model, three mechanisms:
   (`F.relu`, `torch.relu`, `Tensor.relu`/`relu_`, `clamp(min=0)`, ...) cannot be edited out of the model's code: the
   copy's `forward` is wrapped on the instance so that every call of it runs under a `TorchFunctionMode` that sends
   those calls to SineReLU. The swapped model therefore works when called normally, with no context manager. The
-  functional calls go through two SineReLU modules registered on the copy as `functional_sinerelu.conv` and
-  `.dense`, so that scans see them as SineReLU sites (one site per call, in order).
+  functional calls go through two SineReLU modules (after a conv, after a dense layer) that are kept on the side,
+  not registered as submodules (an `nn.Sequential` would run them); a scan sees each call as a functional
+  `sinerelu()` site of the module that made it (one site per call, in order).
 - A graph module from `torch.export` (`ExportedProgram.module()`) gets its activation nodes replaced by calls of
   `SineReLU` submodules registered at the activation's module path (`relu1`), so site names are unchanged.
 - An `ExportedProgram` gets its activation nodes rewritten into the SineReLU formula written with aten ops (`where(z
@@ -47,7 +48,6 @@ from .sinerelu import SineReLU
 
 __all__ = ["swap", "swap_module", "swap_graph_module", "swap_exported", "site_epsilons"]
 
-FUNCTIONAL_NAME = "functional_sinerelu"
 SITE_KEY = "deadneuron_sinerelu_site"  # in a node's `custom` metadata: the site name of a swapped functional ReLU
 _QUARTER_PI = math.pi / 4
 
@@ -258,27 +258,23 @@ def _swap_activation_attribute(module: nn.Module, options: _Options) -> None:
 
 
 class _Functional:
-    """What the wrapped forward of a swapped module needs; deep-copied with the module (its `inner` too)."""
+    """What the wrapped forward of a swapped module needs; deep-copied with the module.
 
-    def __init__(self, include: tuple[str, ...], attribute: str, inner: Any) -> None:
+    The SineReLU modules for functional calls are kept here, not registered as submodules: an extra child would be
+    run by `nn.Sequential.forward` (which calls every child), show up in `len()`, indexing and `named_modules()`, and
+    they hold no parameters or buffers to move or save.
+    """
+
+    def __init__(self, include: tuple[str, ...], modules: dict[str, SineReLU], inner: Any) -> None:
         self.include = include
-        self.attribute = attribute  # where the SineReLU modules for functional calls live on the model
+        self.modules = modules  # "conv" and "dense": the SineReLU that functional calls after such a layer go to
         self.inner = inner  # an instance-level forward the model had before the swap, or None
 
 
 def _install_functional(model: nn.Module, options: _Options) -> None:
-    attribute = FUNCTIONAL_NAME
-    k = 2
-    while hasattr(model, attribute):
-        attribute, k = f"{FUNCTIONAL_NAME}_{k}", k + 1
-    model.add_module(
-        attribute,
-        nn.ModuleDict(
-            {layer: SineReLU(options.epsilons[layer], options.form) for layer in ("conv", "dense")}
-        ),
-    )
+    modules = {layer: SineReLU(options.epsilons[layer], options.form) for layer in ("conv", "dense")}
     inner = model.__dict__.get("forward")
-    model._deadneuron_functional = _Functional(options.include, attribute, inner)  # type: ignore[assignment]
+    model._deadneuron_functional = _Functional(options.include, modules, inner)  # type: ignore[assignment]
     # A bound method: `copy.deepcopy` rebinds it to the copy, so copies of the swapped model stay swapped.
     model.forward = types.MethodType(_swapped_forward, model)  # type: ignore[method-assign]
 
@@ -286,7 +282,7 @@ def _install_functional(model: nn.Module, options: _Options) -> None:
 def _swapped_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     config: _Functional = self._deadneuron_functional  # type: ignore[assignment]
     forward = config.inner if config.inner is not None else types.MethodType(type(self).forward, self)
-    with _FunctionalSwap(getattr(self, config.attribute), config.include):
+    with _FunctionalSwap(config.modules, config.include):
         return forward(*args, **kwargs)
 
 
@@ -297,7 +293,7 @@ class _FunctionalSwap(TorchFunctionMode):
     activation modules of a swapped kind were all replaced, so no activation is handled twice.
     """
 
-    def __init__(self, modules: nn.ModuleDict, include: tuple[str, ...]) -> None:
+    def __init__(self, modules: dict[str, SineReLU], include: tuple[str, ...]) -> None:
         super().__init__()
         self.sites = modules
         self.include = include
