@@ -394,3 +394,26 @@ def test_pooled_scratch_survives_inference_mode_threads_and_reuse():
     for thread in threads:
         thread.join()
     assert failures == []
+
+
+def test_the_scratch_pool_stays_bounded_however_many_threads_call():
+    import threading
+
+    from deadneuron.torch import pool
+
+    x = torch.randn(impl.CHUNK_ELEMENTS + 1)
+    barrier = threading.Barrier(12)
+
+    def work() -> None:
+        barrier.wait()
+        for _ in range(3):
+            sinerelu(x.clone().requires_grad_()).sum().backward()
+
+    threads = [threading.Thread(target=work) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    kept = pool._free[(torch.float32, impl.CHUNK_ELEMENTS)]
+    assert 0 < len(kept) <= pool.KEPT
+    assert len({vector.data_ptr() for vector in kept}) == len(kept)  # no vector is in the pool twice
