@@ -249,35 +249,52 @@ def _padded(kernel: _Kernels, vectors: list[Tensor], tails: tuple[Tensor, ...]) 
     return cut
 
 
-def forward(src: Tensor, dst: Tensor, k: float, form: str) -> int:
-    """dst = SineReLU(src) through the kernels; returns how many elements were done: all of them, or 0 when no kernel
-    applies, or fewer when a call failed (the eager path then does the rest). `k` is epsilon * sqrt(2); dst may be
-    src."""
-    kernels = _usable(src, form, dst)
-    if kernels is None:
-        return 0
-    n = src.numel()
-    inplace = dst.data_ptr() == src.data_ptr()
-    scale = _scalar(k, src.dtype)
+def _run(
+    key: tuple[torch.dtype, str],
+    kernels: tuple[_Kernels, ...],
+    inputs: tuple[Tensor, ...],
+    dst: Tensor,
+    call: Callable[..., Any],
+    whole: Callable[[_Kernels, slice], Any] | None = None,
+) -> int:
+    """dst = call(kernel, *inputs, out) over whole pieces, largest first, then over the zero-padded tail; returns
+    how many elements were done: all of them, or fewer when a call failed (the eager path then does the rest).
+    `whole(kernel, piece)` replaces `call` on whole pieces (the in-place forward)."""
+    n = dst.numel()
     done = 0
     try:
         with torch.no_grad():
             for piece, kernel in _pieces(n, kernels):
-                if inplace:
-                    kernel.forward_(src[piece], scale)
+                if whole is not None:
+                    whole(kernel, piece)
                 else:
-                    kernel.forward(src[piece], dst[piece], scale)
+                    call(kernel, *(t[piece] for t in inputs), dst[piece])
                 done = piece.stop
             if done < n:
                 small = kernels[-1]
-                with scratch_vectors(2, small.size, small.size, src.dtype, src.device) as vectors:
-                    z, out = _padded(small, vectors, (src[done:],))
-                    small.forward(z, out, scale)
-                    dst[done:].copy_(out[: n - done])
+                with scratch_vectors(len(inputs) + 1, small.size, small.size, dst.dtype, dst.device) as vectors:
+                    padded = _padded(small, vectors, tuple(t[done:] for t in inputs))
+                    call(small, *padded)
+                    dst[done:].copy_(padded[-1][: n - done])
                 done = n
     except Exception as exc:  # noqa: BLE001 - the eager path finishes the tensor
-        _give_up((src.dtype, form), f"a call failed: {type(exc).__name__}: {exc}")
+        _give_up(key, f"a call failed: {type(exc).__name__}: {exc}")
     return done
+
+
+def forward(src: Tensor, dst: Tensor, k: float, form: str) -> int:
+    """dst = SineReLU(src) through the kernels; returns how many elements were done (see `_run`; 0 when no kernel
+    applies). `k` is epsilon * sqrt(2); dst may be src."""
+    kernels = _usable(src, form, dst)
+    if kernels is None:
+        return 0
+    scale = _scalar(k, src.dtype)
+    inplace = dst.data_ptr() == src.data_ptr()
+    return _run(
+        (src.dtype, form), kernels, (src,), dst,
+        lambda kernel, z, out: kernel.forward(z, out, scale),
+        (lambda kernel, piece: kernel.forward_(src[piece], scale)) if inplace else None,
+    )
 
 
 def backward(src: Tensor, grad: Tensor, dst: Tensor, k: float, crossing: float, form: str) -> int:
@@ -285,21 +302,8 @@ def backward(src: Tensor, grad: Tensor, dst: Tensor, k: float, crossing: float, 
     kernels = _usable(src, form, grad, dst)
     if kernels is None:
         return 0
-    n = src.numel()
     scale, threshold = _scalar(k, src.dtype), _scalar(crossing, src.dtype)
-    done = 0
-    try:
-        with torch.no_grad():
-            for piece, kernel in _pieces(n, kernels):
-                kernel.backward(src[piece], grad[piece], dst[piece], scale, threshold)
-                done = piece.stop
-            if done < n:
-                small = kernels[-1]
-                with scratch_vectors(3, small.size, small.size, src.dtype, src.device) as vectors:
-                    z, g, out = _padded(small, vectors, (src[done:], grad[done:]))
-                    small.backward(z, g, out, scale, threshold)
-                    dst[done:].copy_(out[: n - done])
-                done = n
-    except Exception as exc:  # noqa: BLE001
-        _give_up((src.dtype, form), f"a call failed: {type(exc).__name__}: {exc}")
-    return done
+    return _run(
+        (src.dtype, form), kernels, (src, grad), dst,
+        lambda kernel, z, g, out: kernel.backward(z, g, out, scale, threshold),
+    )

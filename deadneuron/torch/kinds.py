@@ -99,6 +99,16 @@ def _hardtanh_is_relu6(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return _is_zero(low) and high == 6
 
 
+# In a node's `custom` metadata: the site name `swap.swap_exported` gave a functional ReLU it wrote out as SineReLU,
+# which `sites.fold_sinerelu` and `sites.graph_sites` read back.
+SWAPPED_SITE_KEY = "deadneuron_sinerelu_site"
+
+
+def call_name(owner: str, label: str) -> str:
+    """How a scan names a functional call: the calling module's path, a dot, the function and `()` (`block.relu()`)."""
+    return f"{owner}.{label}()" if owner else f"{label}()"
+
+
 def folded_sinerelu(x: torch.Tensor, epsilon: float, form: str, inplace: bool) -> torch.Tensor:
     """`deadneuron.torch.sinerelu.sinerelu`, visible to a `TorchFunctionMode` (a plain Python function is not).
 

@@ -12,7 +12,7 @@ allocated at full size, as for torch.relu. One transcendental per element per pa
 cos(z - pi/4) backward. The backward recomputes from the saved input, the only tensor saved.
 
 `deadneuron.torch.compile_kernels()` (opt-in, `kernels.py`) builds fused CPU kernels for float32/float64 that then
-take every whole million-element piece of a large tensor; the rest stays on this eager path.
+take the whole tensor; this eager path runs whatever they do not (other dtypes and devices, or after a failure).
 
 On other devices the same ops run on the whole tensor at once (chunking only helps a CPU cache), and under
 torch.compile/torch.export a plain composition is traced instead, which the compiler fuses itself.

@@ -34,6 +34,8 @@ from ..errors import DeadNeuronError
 from ..report import SiteInfo
 from .accumulate import Scratch, SiteAccumulator
 from .kinds import (
+    SWAPPED_SITE_KEY,
+    call_name,
     default_unit_axis,
     function_spec,
     is_inplace,
@@ -269,7 +271,7 @@ class SiteWatcher:
             self.graph_index += 1
             return name
         owner = self._owner()
-        return self._call_name(f"{owner}.{label}()" if owner else f"{label}()")
+        return self._call_name(call_name(owner, label))
 
     def _owner(self) -> str:
         """Qualified name of the innermost module whose code is on the stack (the caller of the function)."""
@@ -383,7 +385,7 @@ def graph_sites(graph_module: torch.fx.GraphModule) -> tuple[list[str], list[str
             base = path or by_class[cls_name]
             seen_paths.add(path)
         else:
-            base = f"{path}.{spec.label}()" if path else f"{spec.label}()"
+            base = call_name(path, spec.label)
         counts[base] += 1
         names.append(base if counts[base] == 1 else f"{base}#{counts[base]}")
     for path, cls_name in activation_paths.items():
@@ -431,16 +433,10 @@ def fold_sinerelu(graph_module: torch.fx.GraphModule) -> int:
     return folded
 
 
-def _site_key() -> str:
-    from .swap import SITE_KEY
-
-    return SITE_KEY
-
-
 def swapped_site_name(node: Any) -> str | None:
     """The site name `swap_exported` gave a functional ReLU it wrote out as SineReLU (in `custom` metadata)."""
     custom = node.meta.get("custom") if isinstance(node, torch.fx.Node) else None
-    name = custom.get(_site_key()) if isinstance(custom, dict) else None
+    name = custom.get(SWAPPED_SITE_KEY) if isinstance(custom, dict) else None
     return name if isinstance(name, str) else None
 
 

@@ -14,9 +14,10 @@ Three kinds of model, three mechanisms:
   `SineReLU` submodules registered at the activation's module path (`relu1`), so site names are unchanged.
 - An `ExportedProgram` gets its activation nodes rewritten into the SineReLU formula written with aten ops (`where(z
   > 0, z, eps*sqrt(2)*sin(min(z, 0) - pi/4))`), so the program saved with `torch.export.save` loads and runs with
-  plain `torch.export.load`, without deadneuron installed. The new nodes are tagged as a SineReLU in
-  `nn_module_stack` (a functional ReLU gets an entry of its own, named as a scan names the call), so that a scan of
-  the saved program folds each back into one site under the ReLU's name (`sites.fold_sinerelu`).
+  plain `torch.export.load`, without deadneuron installed. The new nodes are tagged as a SineReLU (in
+  `nn_module_stack` for a module; for a functional ReLU, the name a scan gives the call, in the nodes' `custom`
+  metadata), so that a scan of the saved program folds each back into one site under the ReLU's name
+  (`sites.fold_sinerelu`).
 
 Epsilon per site (design.md: the article's 0.0025 after convolutions, 0.025 after dense layers). "After" means:
 - for a module site, the nearest Conv/Linear module before it in the model's registration order (`named_modules()`);
@@ -43,12 +44,11 @@ from torch.overrides import TorchFunctionMode
 from ..errors import DeadNeuronError
 from ..options import check_include, check_to, resolve_epsilons
 from ..reference import Form, check_form
-from .kinds import function_spec, is_inplace, module_kind, module_kinds
+from .kinds import SWAPPED_SITE_KEY, call_name, function_spec, is_inplace, module_kind, module_kinds
 from .sinerelu import SineReLU
 
 __all__ = ["swap", "swap_module", "swap_graph_module", "swap_exported", "site_epsilons"]
 
-SITE_KEY = "deadneuron_sinerelu_site"  # in a node's `custom` metadata: the site name of a swapped functional ReLU
 _QUARTER_PI = math.pi / 4
 
 _CONV_MODULES: tuple[type[nn.Module], ...] = (
@@ -409,15 +409,13 @@ def swap_exported(program: torch.export.ExportedProgram, options: _Options) -> t
     nodes = _graph_activation_nodes(graph, options.include)
     epsilons = _graph_epsilons(graph, nodes, options)
     for node in nodes:
-        spec = function_spec(node.target, tuple(node.args), dict(node.kwargs))
-        inplace = spec is not None and is_inplace(spec, tuple(node.args), dict(node.kwargs))
-        _decompose(graph, node, epsilons[node], options.form, inplace)
+        _decompose(graph, node, epsilons[node], options.form)
     graph.lint()
     swapped.graph_module.recompile()
     return swapped
 
 
-def _decompose(graph: torch.fx.Graph, node: torch.fx.Node, epsilon: float, form: str, inplace: bool) -> None:
+def _decompose(graph: torch.fx.Graph, node: torch.fx.Node, epsilon: float, form: str) -> None:
     """Replace one activation node by SineReLU in aten ops; autograd's derivative of them is SineReLU's
     (clamp passes the gradient at its bound, so f'(0) = eps*(cos 0 + sin 0) = eps, as in `sinerelu`)."""
     aten = torch.ops.aten
@@ -427,6 +425,8 @@ def _decompose(graph: torch.fx.Graph, node: torch.fx.Node, epsilon: float, form:
     fake_mode = getattr(fake, "fake_mode", None)
     scale = epsilon * math.sqrt(2.0)
     meta = dict(node.meta)
+    spec = function_spec(node.target, tuple(node.args), dict(node.kwargs))  # None for nothing but activations
+    inplace = spec is not None and is_inplace(spec, tuple(node.args), dict(node.kwargs))
     # Say what the nodes are, so that a scan of the saved program folds them back into one SineReLU site
     # (`sites.fold_sinerelu`) under the name the ReLU had. A module's nodes name SineReLU as their module's class
     # in nn_module_stack; a functional call's nodes carry the name a scan gives the call (`block.relu()`) in the
@@ -438,11 +438,10 @@ def _decompose(graph: torch.fx.Graph, node: torch.fx.Node, epsilon: float, form:
         stack[list(stack)[-1]] = (entry[0], f"{SineReLU.__module__}.{SineReLU.__qualname__}")
         meta["nn_module_stack"] = stack
     else:
-        spec = function_spec(node.target, tuple(node.args), dict(node.kwargs))
         stack = meta.get("nn_module_stack") or {}
         owner = list(stack.values())[-1][0] if stack else ""
-        label = f"{spec.label if spec is not None else 'relu'}()"
-        meta["custom"] = {**(meta.get("custom") or {}), SITE_KEY: f"{owner}.{label}" if owner else label}
+        name = call_name(owner, spec.label if spec is not None else "relu")
+        meta["custom"] = {**(meta.get("custom") or {}), SWAPPED_SITE_KEY: name}
     base = f"{node.name}_sinerelu"
 
     def emit(op: Any, *args: Any) -> torch.fx.Node:
