@@ -1,0 +1,117 @@
+"""Zip archives read defensively, framework-free: `.pt2`, `.npz` and `.keras` files are zips.
+
+One pass over the central directory refuses what makes zip readers disagree (a name twice, `..` or absolute
+names, NUL bytes, encryption, unusual compression), and every member is read in chunks against a cap given
+before reading, so a small file cannot expand to gigabytes in memory.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+import zlib
+from typing import IO
+
+from .errors import DeadNeuronError
+
+CHUNK = 1 << 20
+# Errors a damaged or hostile zip raises while being opened or read.
+ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError, zlib.error)
+
+
+def name_problem(name: str) -> str | None:
+    """Why a member name is not a plain relative path, or None when it is."""
+    if not name:
+        return "has an empty name"
+    if "\x00" in name or any(ord(c) < 32 for c in name):
+        return "has a control character in its name"
+    if "\\" in name:
+        return "has a backslash in its name"
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return "has an absolute name"
+    parts = name.rstrip("/").split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return "has a '.', '..' or empty part in its name"
+    return None
+
+
+def open_zip(source: str | IO[bytes], *, what: str, kind: str, expected: str) -> zipfile.ZipFile:
+    """`source` opened as a zip, after one pass over its central directory that refuses an archive two zip readers
+    could read differently. `what` names the file in messages ("model.pt2"), `kind` what it should be ("a
+    torch.export archive") and `expected` where such a file comes from."""
+    try:
+        archive = zipfile.ZipFile(source)
+    except ZIP_ERRORS as error:
+        raise DeadNeuronError(
+            f"{what} is not {kind} (not a zip file: damaged, truncated or another format); expected {expected}"
+        ) from error
+    seen: set[str] = set()
+    for info in archive.infolist():
+        raw = info.orig_filename  # zipfile cuts a name at NUL; the raw name is what another reader sees
+        problem = name_problem(raw)
+        if problem is None and info.filename in seen:
+            problem = "appears twice (zip readers disagree on which copy they read)"
+        if problem is None and info.flag_bits & 0x1:
+            problem = "is encrypted"
+        if problem is None and info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            problem = f"uses compression method {info.compress_type} (expected stored or deflated)"
+        if problem is not None:
+            archive.close()
+            raise DeadNeuronError(
+                f"{what}: the member {raw[:80]!r} {problem}; refused; expected {expected}"
+            )
+        seen.add(info.filename)
+    return archive
+
+
+def _too_big(what: str, info: zipfile.ZipInfo, limit: int) -> DeadNeuronError:
+    return DeadNeuronError(
+        f"{what}: the member {info.filename} expands to {info.file_size:,} bytes, more than the {limit:,} this "
+        "member may hold; refused (a small file that expands to this much is a zip bomb or a damaged file)"
+    )
+
+
+def read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, *, limit: int, what: str) -> bytes:
+    """The bytes of one member, read in chunks; DeadNeuronError when it holds, or declares, more than `limit`."""
+    if info.file_size > limit:
+        raise _too_big(what, info, limit)
+    out = bytearray()
+    with archive.open(info) as stream:
+        while chunk := stream.read(min(CHUNK, limit + 1 - len(out))):
+            out += chunk
+            if len(out) > limit:
+                raise _too_big(what, info, limit)
+    if len(out) != info.file_size:
+        raise DeadNeuronError(f"{what}: the member {info.filename} is shorter than its header says (truncated?)")
+    return bytes(out)
+
+
+def read_member_into(archive: zipfile.ZipFile, info: zipfile.ZipInfo, buffer: memoryview, *, what: str) -> None:
+    """Fill `buffer` (exactly the member's size) with the member's bytes, in chunks, without a second copy."""
+    if info.file_size != buffer.nbytes:
+        raise DeadNeuronError(
+            f"{what}: the member {info.filename} holds {info.file_size:,} bytes, expected {buffer.nbytes:,}"
+        )
+    view = buffer.cast("B")
+    filled = 0
+    with archive.open(info) as stream:
+        while filled < view.nbytes:
+            chunk = stream.read(min(CHUNK, view.nbytes - filled))
+            if not chunk:
+                raise DeadNeuronError(f"{what}: the member {info.filename} ended early (truncated file?)")
+            view[filled : filled + len(chunk)] = chunk
+            filled += len(chunk)
+
+
+def check_stored_zip(data: bytes, *, what: str, expected: str) -> None:
+    """A zip held in memory (a file nested in an archive) whose members are all stored: it then holds no more
+    than its own size, whatever reader opens it later."""
+    with open_zip(io.BytesIO(data), what=what, kind="a zip archive", expected=expected) as nested:
+        total = 0
+        for info in nested.infolist():
+            total += info.file_size
+            if info.compress_type != zipfile.ZIP_STORED or total > len(data):
+                raise DeadNeuronError(
+                    f"{what}: the nested member {info.filename} is compressed or larger than its archive; "
+                    f"refused; expected {expected}"
+                )

@@ -1,0 +1,282 @@
+"""Crafted model and data files that try to run code, write files or exhaust memory, built from scratch.
+
+Every payload is harmless: it creates (or overwrites) a marker file in the corpus folder, and the tests assert
+that no marker appears and no file changes. `build(folder)` returns the cases; `python -m tests.safety_corpus
+FOLDER` builds them and runs each through the CLI in a fresh process, printing a Markdown table (exit code,
+stderr lines, payload ran, peak memory of the process); run it on two checkouts (PYTHONPATH) to compare.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import warnings
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MARKER = "pwned"
+VICTIM = "victim.txt"  # an existing file a payload tries to overwrite
+VICTIM_TEXT = b"untouched\n"
+BOMB_BYTES = 1 << 30  # what a bomb expands to: 1 GiB from about 1 MB on disk
+
+
+@dataclass
+class Case:
+    label: str  # the attack, in a few words
+    path: Path
+    args: list[str]  # after the model path
+    expect: int = 2  # 2: refused; 0: loads cleanly and the payload does not run
+    message: str = ""  # regex on the one stderr line
+    bomb: bool = False  # compare peak memory with the normal scan in `baseline`
+    baseline: list[str] = field(default_factory=list)  # argv of the normal scan of the same model
+
+
+class Payload:
+    """Unpickling this runs a shell command that creates the marker."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def touch_code(marker: Path) -> str:
+    return f"__import__('pathlib').Path({str(marker)!r}).touch()"
+
+
+# zip surgery -----------------------------------------------------------------------------------------------------
+Edit = Callable[[str, bytes], "bytes | list[bytes] | None"]
+
+
+def rewrite(src: Path, dst: Path, edit: Edit | None = None, add: list[tuple[str, Any]] | None = None) -> Path:
+    """Copy the zip `src` to `dst`, `edit(name, data)` per member (names relative to a .pt2's folder; None
+    drops the member, a list writes each copy under the same name), then `add` members: (name, bytes) or
+    (name, ("bomb", fill byte, prefix))."""
+    with zipfile.ZipFile(src) as source, zipfile.ZipFile(dst, "w") as target, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # duplicate names are the point of some cases
+        first = source.namelist()[0]
+        prefix = first.split("/")[0] + "/" if "/" in first else ""
+        for info in source.infolist():
+            data = source.read(info)
+            name = info.filename[len(prefix) :]
+            data = edit(name, data) if edit else data
+            for copy in data if isinstance(data, list) else [] if data is None else [data]:
+                target.writestr(info, copy)  # a list: the same name several times
+        for name, data in add or []:
+            if isinstance(data, tuple):
+                write_bomb(target, prefix + name, *data[1:])
+            else:
+                target.writestr(zipfile.ZipInfo(prefix + name), data)
+    return dst
+
+
+def write_bomb(archive: zipfile.ZipFile, name: str, fill: bytes = b"\0", head: bytes = b"") -> None:
+    """A deflated member of BOMB_BYTES (`head`, then `fill` repeated), written in chunks: ~1 MB on disk."""
+    info = zipfile.ZipInfo(name)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    chunk = fill * (1 << 20)
+    with archive.open(info, "w", force_zip64=True) as member:
+        member.write(head)
+        left = BOMB_BYTES - len(head)
+        while left > 0:
+            member.write(chunk[: min(left, len(chunk))])
+            left -= len(chunk)
+
+
+def edit_program(edit: Callable[[dict[str, Any]], None]) -> Edit:
+    def apply(name: str, data: bytes) -> bytes:
+        if name != "models/model.json":
+            return data
+        document = json.loads(data)
+        edit(document)
+        return json.dumps(document).encode()
+
+    return apply
+
+
+def first_node(document: dict[str, Any], target: str) -> dict[str, Any]:
+    return next(n for n in document["graph_module"]["graph"]["nodes"] if n["target"] == target)
+
+
+# .pt2 ------------------------------------------------------------------------------------------------------------
+def good_pt2(folder: Path) -> Path:
+    import torch
+
+    from tests import torch_zoo as zoo
+
+    path = folder / "good.pt2"
+    if not path.exists():
+        program = torch.export.export(
+            zoo.mlp().eval(), (torch.randn(4, 8),), dynamic_shapes=({0: torch.export.Dim("batch")},)
+        )
+        torch.export.save(program, path)
+    return path
+
+
+def native_library(folder: Path, marker: Path) -> bytes:
+    """A shared library whose constructor creates the marker (needs a C compiler; else ELF-looking bytes)."""
+    source = folder / "evil.c"
+    source.write_text(
+        '#include <stdio.h>\n__attribute__((constructor)) static void run(void) '
+        f'{{ FILE *f = fopen("{marker}", "w"); if (f) fclose(f); }}\n'
+    )
+    library = folder / "evil.so"
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler and subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(source)]).returncode == 0:
+        return library.read_bytes()
+    return b"\x7fELF" + b"\0" * 60
+
+
+def i0x10_pickle(marker: Path) -> bytes:
+    """A pickle that pickletools cannot read (INT '0x10') but the C unpickler runs: it calls os.system."""
+    command = f"touch {marker}".encode()
+    return b"I0x10\n0c" + os.name.encode() + b"\nsystem\n(V" + command + b"\ntR."
+
+
+def pt2_cases(folder: Path, bombs: bool) -> list[Case]:
+    import torch
+
+    good = good_pt2(folder)
+    marker, victim = folder / MARKER, folder / VICTIM
+    scan = ["scan", "--samples", "4"]
+    cases: list[Case] = []
+
+    def case(label: str, edit: Edit | None = None, add: list[tuple[str, Any]] | None = None, **kw: Any) -> None:
+        path = rewrite(good, folder / (label.replace(" ", "_").replace("/", "_") + ".pt2"), edit, add)
+        cases.append(Case(label, path, kw.pop("args", scan), **kw))
+
+    def guards(code: str) -> Callable[[dict[str, Any]], None]:
+        return lambda document: document.update(guards_code=[code])
+
+    case("guards_code expression", edit_program(guards(f"{touch_code(marker)} is None")), expect=0)
+    case(
+        "guards_code break-out",
+        # closes torch's generated guard function: the payload would run at load time, in ExportedProgram.module()
+        edit_program(guards(f"True #\n)\n{touch_code(marker)}\ndef _y(*args):\n  (True")),
+        expect=0,
+    )
+
+    def from_file(path: Path, shared: bool) -> Callable[[dict[str, Any]], None]:
+        def edit(document: dict[str, Any]) -> None:
+            node = first_node(document, "torch.ops.aten.relu.default")
+            node["target"] = "torch.ops.aten.from_file.default"
+            node["inputs"] = [
+                {"name": "filename", "arg": {"as_string": str(path)}, "kind": 1},
+                {"name": "shared", "arg": {"as_bool": shared}, "kind": 1},
+                {"name": "size", "arg": {"as_int": 64}, "kind": 1},
+            ]
+
+        return edit
+
+    case("aten.from_file creates a file", edit_program(from_file(marker, True)), message="from_file")
+    case("aten.from_file overwrites a file", edit_program(from_file(victim, True)), message="from_file")
+
+    def target(name: str) -> Callable[[dict[str, Any]], None]:
+        return lambda document: first_node(document, "torch.ops.aten.relu.default").update(target=name)
+
+    case("non-operator target", edit_program(target("builtins.exec")), message="not a PyTorch compute operator")
+    case("operator outside aten", edit_program(target("torch.ops.profiler._record_function_enter.default")),
+         message="outside the allowed namespaces")
+    case("AOTInductor native library", add=[("data/aotinductor/model/model.so", native_library(folder, marker))],
+         message="AOTInductor")
+    case("TorchScript code member", add=[("code/__torch__.py", b"import os\n")], message="TorchScript or Python code")
+
+    program = zipfile.ZipFile(good).read(f"{good.stem}/models/model.json")
+    buffer = io.BytesIO()
+    torch.save((Payload(marker),), buffer)
+    payload = buffer.getvalue()
+    # torch's zip reader takes the first copy, Python's the last: a check that reads the last is fooled
+    case("duplicate zip entry", lambda n, d: [payload, d] if n == "data/sample_inputs/model.pt" else d,
+         message="appears twice")
+    dotdot = "data/constants/opaque_obj_0/../tensor_0"
+    case("opaque_obj_0/../tensor_0 name", add=[(dotdot, pickle.dumps(Payload(marker)))], message="'..'")
+
+    def opaque() -> Edit:
+        def edit(name: str, content: bytes) -> bytes:
+            if name == "data/constants/model_constants_config.json":
+                config = json.loads(content)
+                config["config"]["evil"] = {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": True,
+                                            "tensor_meta": None}
+                return json.dumps(config).encode()
+            return content
+
+        return edit
+
+    case("opaque object (I0x10 pickle)", opaque(), add=[("data/constants/opaque_obj_0", i0x10_pickle(marker))],
+         message="custom Python or TorchBind object")
+
+    def sample_inputs(data: bytes) -> Edit:
+        return lambda name, content: data if name == "data/sample_inputs/model.pt" else content
+
+    case("sample inputs I0x10 pickle", sample_inputs(i0x10_pickle(marker)), message="sample_inputs")
+    case("sample inputs torch.save payload", sample_inputs(payload), message="sample_inputs")
+
+    if not bombs:
+        return cases
+    baseline = ["scan", str(good), "--samples", "4"]
+    for member, fill, head, label in (
+        ("data/weights/weight_0", b"\0", b"", "weight"),
+        ("models/model.json", b" ", program, "program JSON"),
+        ("data/sample_inputs/model.pt", b"\0", b"", "sample inputs"),
+    ):
+        case(f"zip bomb: {label}", lambda name, data, member=member: None if name == member else data,
+             add=[(member, ("bomb", fill, head))], bomb=True, baseline=baseline, message="expands to")
+    return cases
+
+
+def build(folder: Path, *, bombs: bool = True) -> list[Case]:
+    """Every case, its files written into `folder`; `bombs=False` leaves out the zip bombs (slow to write)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / VICTIM).write_bytes(VICTIM_TEXT)
+    return pt2_cases(folder, bombs)
+
+
+# a report on the current checkout ---------------------------------------------------------------------------------
+def run_child(argv: list[str], timeout: float = 600) -> tuple[int, list[str], int]:
+    """(exit code, non-empty stderr lines, peak RSS in MiB) of `python -m deadneuron ARGV` in a fresh process."""
+    probe = (
+        "import resource, subprocess, sys\n"
+        "r = subprocess.run([sys.executable, '-m', 'deadneuron', *sys.argv[1:]], capture_output=True, text=True)\n"
+        "sys.stderr.write(r.stderr)\n"
+        "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3")}
+    result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=timeout,
+                            env=env)
+    code, rss_kib = result.stdout.split()[-2:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    return int(code), lines, int(rss_kib) // 1024
+
+
+def main(folder: str) -> None:
+    root = Path(folder)
+    cases = build(root)
+    print("| attack | exit | stderr lines | payload ran / file written | peak MiB (normal scan) |")
+    print("|---|---|---|---|---|")
+    baselines: dict[tuple[str, ...], int] = {}
+    for case in cases:
+        (root / MARKER).unlink(missing_ok=True)
+        (root / VICTIM).write_bytes(VICTIM_TEXT)
+        code, lines, rss = run_child([case.args[0], str(case.path), *case.args[1:]])
+        ran = (root / MARKER).exists() or (root / VICTIM).read_bytes() != VICTIM_TEXT
+        memory = f"{rss}"
+        if case.bomb:
+            key = tuple(case.baseline)
+            if key not in baselines:
+                baselines[key] = run_child(case.baseline)[2]
+            memory += f" ({baselines[key]})"
+        first = lines[-1][:90].replace("|", "/") if lines else ""
+        print(f"| {case.label} | {code} | {len(lines)}: {first} | {'YES' if ran else 'no'} | {memory} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "safety-corpus")
