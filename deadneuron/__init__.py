@@ -26,8 +26,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .api import compare, inspect, load_model, scan, swap
-    from .comparison import Comparison
-    from .report import LayerReport, Report
+    from .report import Comparison, LayerReport, Report
 
 _LAZY = {
     "scan": "api",
@@ -37,7 +36,7 @@ _LAZY = {
     "load_model": "api",
     "Report": "report",
     "LayerReport": "report",
-    "Comparison": "comparison",
+    "Comparison": "report",
 }
 
 

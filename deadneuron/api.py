@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import DeadNeuronError
 
 if TYPE_CHECKING:
-    from .comparison import Comparison
-    from .report import Report, SiteInfo
+    from .report import Comparison, Report, SiteInfo
 
 Progress = Callable[[int], None]
 
@@ -273,8 +272,8 @@ def compare(
     in data order, cycling over the data; `revival` then counts the formerly dead units (dead under ReLU
     before training) that are no longer dormant after training, for each model.
     """
-    from .comparison import Comparison
     from .options import check_to, resolve_epsilons
+    from .report import Comparison
 
     check_to(to)
     epsilons = resolve_epsilons(epsilon, epsilon_conv, epsilon_dense)

@@ -156,7 +156,7 @@ def _write_outputs(result: Any, json_path: str | None, html_path: Path | None) -
         if json_path:
             _write_text("--json", Path(json_path), result.to_json() + "\n")
     if html_path is not None:
-        from .html import to_html
+        from .report.html import to_html
 
         _write_text("--html", html_path, to_html(result))
 

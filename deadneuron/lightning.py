@@ -24,6 +24,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from .core.window import figures
 from .report import Report
 from .torch.distributed import all_reduce_sites, is_distributed, rank_zero
 from .torch.monitor import DEFAULT_EVERY, DEFAULT_WINDOW, DeadNeuronMonitor, batch_size_of, check_options
@@ -123,14 +124,8 @@ class DeadNeuronCallback(Callback):
             self._log(pl_module, report)
 
     def _log(self, pl_module: pl.LightningModule, report: Report) -> None:
-        values: dict[str, float] = {KEYS[0]: report.dead_fraction}
-        values[KEYS[1]] = report.dormant / report.units if report.units else 0.0
-        if report.grad_dead_fraction is not None:
-            values[KEYS[2]] = report.grad_dead_fraction
-        if self.log_per_site:
-            for layer in report.layers:
-                values[f"{KEYS[0]}/{layer.name}"] = layer.dead_fraction
-        for key, value in values.items():
+        per_site = ("dead_fraction",) if self.log_per_site else ()
+        for key, value in figures(report, prefix="deadneuron/", per_site=per_site).items():
             pl_module.log(key, value, on_step=True, on_epoch=False, logger=True, sync_dist=False)
 
     # state for resuming -----------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 import deadneuron  # noqa: E402
 from deadneuron import DeadNeuronError  # noqa: E402
-from deadneuron.comparison import COMPARISON_SCHEMA  # noqa: E402
+from deadneuron.report import COMPARISON_SCHEMA  # noqa: E402
 
 from . import torch_zoo as zoo  # noqa: E402
 from .conftest import run_cli  # noqa: E402

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from deadneuron.html import to_html
 from deadneuron.report import REPORT_SCHEMA, Report, SiteInfo
+from deadneuron.report.html import to_html
 from deadneuron.stats import FIELDS, SiteStats
 
 
@@ -158,7 +158,7 @@ def test_lookup_of_unknown_site_lists_the_sites():
 
 
 def test_comparison_pairs_sites_and_measures_revived_gradient():
-    from deadneuron.comparison import COMPARISON_SCHEMA, Comparison
+    from deadneuron.report import COMPARISON_SCHEMA, Comparison
 
     pre = np.array([[[-1.0], [2.0], [1.0]], [[-2.0], [1.0], [3.0]]])
     before = stats_from_activations(pre, np.array([[[0.0], [1.0], [2.0]]] * 2))

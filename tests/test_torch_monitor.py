@@ -135,8 +135,9 @@ def test_units_killed_by_a_high_learning_rate_are_found_and_reported_as_newly_de
     _assert_same(first, _scan(model, frozen))
     changes = monitor.changes()
     assert changes is not None and changes.window == 3
-    assert "window 1 (steps 0-9) newly dead: act [0, 1, 2, 3, 4]" in caplog.text
-    assert "window 2" in caplog.text
+    assert "MLP window 1 (steps 0-9): 5 of 96 units dead (5.2%) on 320 observed samples" in caplog.text
+    assert f"MLP window 3 (steps 20-29): {first.dead} of 96 units dead" in caplog.text
+    assert "; newly dead: relu() [0, 2, 3" in caplog.text
 
 
 def test_died_and_revived_between_windows():
@@ -223,9 +224,9 @@ def test_alert_warns_once():
         warnings.simplefilter("always")
         with DeadNeuronMonitor(model, every=1, window=1, alert=0.02) as monitor:
             _train(model, monitor, _batches("mlp", 3), lr=0.0)
-    alerts = [w for w in caught if "alert at 2.0%" in str(w.message)]
+    alerts = [w for w in caught if "(alert=0.02)" in str(w.message)]
     assert len(alerts) == 1
-    assert "MLP are dead at step 1" in str(alerts[0].message)
+    assert "of units are dead in MLP at step 1 (alert=0.02): act 5/" in str(alerts[0].message)
     quiet = DeadNeuronMonitor(model, every=1, window=1, alert=0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

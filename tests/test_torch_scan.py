@@ -17,7 +17,7 @@ from torch import nn  # noqa: E402
 
 import deadneuron  # noqa: E402
 from deadneuron import DeadNeuronError  # noqa: E402
-from deadneuron.render import render_text  # noqa: E402
+from deadneuron.report.text import render_text  # noqa: E402
 
 from . import torch_zoo as zoo  # noqa: E402
 from .conftest import ROOT, last_line, run_cli  # noqa: E402

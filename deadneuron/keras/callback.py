@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import sys
-import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -25,8 +24,10 @@ from typing import Any, TypeVar
 import keras
 
 from ..api import LOSSES
+from ..core.window import WindowTracker, figures
 from ..errors import DeadNeuronError
 from ..report import Report
+from ..report.history import History
 from .adapter import scan
 
 logger = logging.getLogger("deadneuron.keras")
@@ -113,14 +114,20 @@ class DeadNeuronCallback(keras.callbacks.Callback):
         self.reports: dict[int, Report] = {}
         self.newly_dead: dict[str, list[int]] = {}
         self.revived: dict[str, list[int]] = {}
-        self._alerted = False
+        self._tracker = WindowTracker("model", axis="epoch", alert=alert)
 
     @property
     def last_report(self) -> Report | None:
         """The report of the latest scan, or None before the first one."""
         return self.reports[max(self.reports)] if self.reports else None
 
+    def history(self) -> History:
+        """The figures of every scanned epoch, in order (`deadneuron.report.html.to_html`
+        draws them); the steps are 0-based epochs, as in `logs`."""
+        return self._tracker.history
+
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._tracker.history.model = getattr(self.model, "name", None) or "model"
         tf = sys.modules.get("tensorflow")
         if tf is not None and isinstance(self.probe, tf.data.Dataset):
             if int(self.probe.cardinality()) == int(tf.data.INFINITE_CARDINALITY):
@@ -143,63 +150,15 @@ class DeadNeuronCallback(keras.callbacks.Callback):
                 gtol=self.gtol,
             )
         )
-        previous = self.last_report
         self.reports[epoch] = report
         if logs is not None:
-            logs.update(figures(report, per_site=self.per_site))
-        self._changes(epoch, previous, report)
-        self._check_alert(epoch, report)
-
-    def _changes(self, epoch: int, previous: Report | None, report: Report) -> None:
-        before = {layer.name: set(layer.dead_units) for layer in previous.layers} if previous else {}
-        self.newly_dead, self.revived = {}, {}
-        for layer in report.layers:
-            now, then = set(layer.dead_units), before.get(layer.name, set())
-            if now - then:
-                self.newly_dead[layer.name] = sorted(now - then)
-            if then - now:
-                self.revived[layer.name] = sorted(then - now)
-        if self.verbose < 1:
-            return
-        if previous is None:
-            logger.info(
-                "epoch %d: %d of %d units dead (%.1f%%) on %d probe samples",
-                epoch + 1, report.dead, report.units, 100 * report.dead_fraction, report.samples,
-            )
-            return
-        if self.newly_dead or self.revived:
-            logger.info(
-                "epoch %d: %d of %d units dead (%.1f%%); newly dead: %s; revived: %s",
-                epoch + 1, report.dead, report.units, 100 * report.dead_fraction,
-                _listing(self.newly_dead), _listing(self.revived),
-            )
-
-    def _check_alert(self, epoch: int, report: Report) -> None:
-        if self.alert is None or self._alerted or report.dead_fraction <= self.alert:
-            return
-        self._alerted = True
-        worst = sorted(report.layers, key=lambda layer: layer.dead_fraction, reverse=True)[:3]
-        where = ", ".join(f"{layer.name} {layer.dead}/{layer.units}" for layer in worst if layer.dead)
-        warnings.warn(
-            f"deadneuron: {100 * report.dead_fraction:.1f}% of units are dead after epoch {epoch + 1} "
-            f"(alert={self.alert}): {where}. A lower learning rate, a different initialisation or SineReLU "
-            "(deadneuron.compare) may help; the callback's last_report has the details. This warning is shown once.",
-            UserWarning,
-            stacklevel=2,
-        )
-
-
-def figures(report: Report, *, per_site: bool = False) -> dict[str, float]:
-    """The `logs` entries of one report (see `DeadNeuronCallback`)."""
-    values = {
-        "dead_fraction": report.dead_fraction,
-        "dormant_fraction": report.dormant / report.units if report.units else 0.0,
-    }
-    if report.grad_dead_fraction is not None:
-        values["grad_dead_fraction"] = report.grad_dead_fraction
-    if per_site:
-        values.update({f"dead_fraction/{layer.name}": layer.dead_fraction for layer in report.layers})
-    return {key: float(value) for key, value in values.items()}
+            logs.update(figures(report, per_site=("dead_fraction",) if self.per_site else ()))
+        tracker = self._tracker
+        changes = tracker.close(report, first_step=epoch, last_step=epoch, step=epoch)
+        self.newly_dead, self.revived = changes.died, changes.revived
+        if self.verbose >= 1:
+            logger.info("%s", tracker.describe(report, changes, label=f"epoch {epoch + 1}", samples="probe"))
+        tracker.check_alert(report, when=f"after epoch {epoch + 1}", details="the callback's last_report", stacklevel=2)
 
 
 def _outside_strategy(work: Callable[[], T]) -> T:
@@ -214,14 +173,3 @@ def _outside_strategy(work: Callable[[], T]) -> T:
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _listing(units: dict[str, list[int]]) -> str:
-    if not units:
-        return "none"
-    return "; ".join(f"{name} {_short(indices)}" for name, indices in units.items())
-
-
-def _short(indices: list[int], limit: int = 8) -> str:
-    shown = ", ".join(map(str, indices[:limit]))
-    return f"[{shown}{', ...' if len(indices) > limit else ''}] ({len(indices)})"

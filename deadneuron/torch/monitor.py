@@ -27,16 +27,16 @@ from __future__ import annotations
 
 import logging
 import sys
-import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..core.window import WindowChanges, WindowTracker, figures
 from ..errors import DeadNeuronError
 from ..report import Report
+from ..report.history import FRACTIONS, History
 from .accumulate import SiteAccumulator, collect
 from .distributed import all_reduce_sites, rank_zero
 from .sites import SiteWatcher
@@ -51,29 +51,6 @@ DEFAULT_WINDOW = 1000
 
 #: The Report's `loss` field for monitor reports: the gradients are those of the user's own training loss.
 LOSS = "training"
-
-
-@dataclass(frozen=True)
-class WindowChanges:
-    """What changed at the end of a window: unit indices per site that are dead now and were not in the previous
-    window (`died`; every dead unit after the first window), and those dead before and alive now (`revived`)."""
-
-    window: int  # 1-based index of the window that just ended
-    first_step: int
-    last_step: int
-    died: dict[str, list[int]] = field(default_factory=dict)
-    revived: dict[str, list[int]] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        def part(label: str, sites: dict[str, list[int]]) -> str:
-            if not sites:
-                return f"{label}: none"
-            return f"{label}: " + "; ".join(f"{name} {units}" for name, units in sites.items())
-
-        return (
-            f"window {self.window} (steps {self.first_step}-{self.last_step}) "
-            f"{part('newly dead', self.died)}; {part('revived', self.revived)}"
-        )
 
 
 def unwrap(model: Any) -> tuple[nn.Module, bool]:
@@ -169,11 +146,9 @@ class DeadNeuronMonitor:
         self.unit_axis = unit_axis
         self.name = name or type(self.module).__name__
         self.steps = 0  # completed steps
-        self.windows = 0  # completed windows
         self.last_report: Report | None = None
         self.last_changes: WindowChanges | None = None
-        self._previous_dead: dict[str, set[int]] | None = None
-        self._alerted = False
+        self._tracker = WindowTracker(self.name, axis="step", alert=alert)
         self._watcher: SiteWatcher | None = None
         self._running = False
         self._attached = False
@@ -342,64 +317,48 @@ class DeadNeuronMonitor:
         """Sampled steps among steps first..stop-1."""
         return len(range(-(-first // self.every) * self.every, stop, self.every))
 
+    @property
+    def windows(self) -> int:
+        """Completed windows."""
+        return self._tracker.windows
+
     def _end_window(self) -> Report:
         first = self.steps - self.window
         accumulators = all_reduce_sites(self.accumulators(), atol=self.atol, gtol=self.gtol)
         report = self._build(accumulators, self._observed_in(first, self.steps), self.window)
         if self._watcher is not None:
             self._watcher.accumulators = {}
-        self.windows += 1
         self.last_report = report
-        dead = {layer.name: set(layer.dead_units) for layer in report.layers}
-        previous = self._previous_dead or {}
-        died = {name: sorted(units - previous.get(name, set())) for name, units in dead.items()}
-        revived = {name: sorted(units - dead.get(name, set())) for name, units in previous.items()}
-        self.last_changes = WindowChanges(
-            self.windows,
-            first,
-            self.steps - 1,
-            {k: v for k, v in died.items() if v},
-            {k: v for k, v in revived.items() if v},
-        )
-        self._previous_dead = dead
+        self.last_changes = self._tracker.close(report, first_step=first, last_step=self.steps - 1, step=self.steps)
         if rank_zero():
             self._publish(report, self.last_changes)
         return report
 
     def _publish(self, report: Report, changes: WindowChanges) -> None:
-        grad = report.grad_dead_fraction
-        logger.info(
-            "%s: %d/%d units dead (%.1f%%)%s; %s",
-            self.name,
-            report.dead,
-            report.units,
-            100 * report.dead_fraction,
-            "" if grad is None else f", {100 * grad:.1f}% gradient-dead",
-            changes,
-        )
+        label = f"{self.name} window {changes.window} (steps {changes.first_step}-{changes.last_step})"
+        logger.info("%s", self._tracker.describe(report, changes, label=label, samples="observed"))
         if self.writer is not None:
             self._write(report)
-        if self.alert is not None and not self._alerted and report.dead_fraction > self.alert:
-            self._alerted = True
-            warnings.warn(
-                f"{100 * report.dead_fraction:.1f}% of the units of {self.name} are dead at step {self.steps} "
-                f"(alert at {100 * self.alert:.1f}%): {report.dead} of {report.units}; see monitor.report()",
-                UserWarning,
-                stacklevel=4,  # the user's monitor.step() call
-            )
+        self._tracker.check_alert(
+            report, when=f"in {self.name} at step {self.steps}", details="monitor.report()", stacklevel=4
+        )
 
     def _write(self, report: Report) -> None:
+        """TensorBoard: the figures in total and per site as scalars, and each site's firing rates as a histogram
+        where the writer has `add_histogram`."""
         step = self.steps
-        writer = self.writer
-        writer.add_scalar("deadneuron/dead_fraction", report.dead_fraction, step)
-        if report.grad_dead_fraction is not None:
-            writer.add_scalar("deadneuron/grad_dead_fraction", report.grad_dead_fraction, step)
+        for key, value in figures(report, prefix="deadneuron/", per_site=FRACTIONS).items():
+            self.writer.add_scalar(key, value, step)
+        add_histogram = getattr(self.writer, "add_histogram", None)
+        if add_histogram is None:
+            return
         for layer in report.layers:
-            writer.add_scalar(f"deadneuron/dead_fraction/{layer.name}", layer.dead_fraction, step)
-            if layer.grad_dead_fraction is not None:
-                writer.add_scalar(f"deadneuron/grad_dead_fraction/{layer.name}", layer.grad_dead_fraction, step)
             if layer.stats is not None and layer.stats.samples:
-                writer.add_histogram(f"deadneuron/firing_rate/{layer.name}", layer.stats.firing_rate, step)
+                add_histogram(f"deadneuron/firing_rate/{layer.name}", layer.stats.firing_rate, step)
+
+    def history(self) -> History:
+        """The figures of every completed window, in order (`deadneuron.report.html.to_html` draws them)."""
+        return self._tracker.history
 
     # results ----------------------------------------------------------------------------------------------------
     def report(self) -> Report:
@@ -428,13 +387,9 @@ class DeadNeuronMonitor:
         return {
             "version": 1,
             "steps": self.steps,
-            "windows": self.windows,
             "every": self.every,
             "window": self.window,
-            "alerted": self._alerted,
-            "previous_dead": None
-            if self._previous_dead is None
-            else {name: sorted(units) for name, units in self._previous_dead.items()},
+            **self._tracker.state_dict(),
             "sites": sites,
         }
 
@@ -454,10 +409,7 @@ class DeadNeuronMonitor:
                 self.window,
             )
         self.steps = int(state["steps"])
-        self.windows = int(state["windows"])
-        self._alerted = bool(state["alerted"])
-        previous = state["previous_dead"]
-        self._previous_dead = None if previous is None else {k: set(v) for k, v in previous.items()}
+        self._tracker.load_state_dict(state)
         self._pending = [dict(s) for s in state["sites"]] if statistics else []
         if self._watcher is not None:
             self._watcher.accumulators = {}

@@ -1,4 +1,4 @@
-"""Reports: what a scan found, per site and in total, as dataclasses that render to JSON, text and rich.
+"""What one scan found, per site and in total: `SiteInfo`, `LayerReport`, `Report` (JSON, text and rich).
 
 The JSON layout is the public `deadneuron.report/1` schema of design.md; fields are added, never renamed.
 """
@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from .stats import SiteStats
+from ..stats import SiteStats
+from .text import render_text, report_renderables
 
 REPORT_SCHEMA = "deadneuron.report/1"
 COMPARISON_SCHEMA = "deadneuron.comparison/1"
@@ -41,8 +42,35 @@ def _fraction(count: int | None, total: int) -> float | None:
     return count / total if total else 0.0
 
 
+class _Counts(Protocol):
+    @property
+    def units(self) -> int: ...
+    @property
+    def dead(self) -> int: ...
+    @property
+    def dormant(self) -> int: ...
+    @property
+    def grad_dead(self) -> int | None: ...
+
+
+class _Fractions:
+    """The three fractions of units, from the counts of a layer or of a whole report."""
+
+    @property
+    def dead_fraction(self: _Counts) -> float:
+        return _fraction(self.dead, self.units) or 0.0
+
+    @property
+    def dormant_fraction(self: _Counts) -> float:
+        return _fraction(self.dormant, self.units) or 0.0
+
+    @property
+    def grad_dead_fraction(self: _Counts) -> float | None:
+        return _fraction(self.grad_dead, self.units)
+
+
 @dataclass
-class LayerReport:
+class LayerReport(_Fractions):
     """The verdict for one site. `stats` keeps the raw per-unit statistics (not part of the JSON)."""
 
     name: str
@@ -91,18 +119,6 @@ class LayerReport:
     def grad_dead(self) -> int | None:
         return None if self.grad_dead_units is None else len(self.grad_dead_units)
 
-    @property
-    def dead_fraction(self) -> float:
-        return _fraction(self.dead, self.units) or 0.0
-
-    @property
-    def dormant_fraction(self) -> float:
-        return _fraction(self.dormant, self.units) or 0.0
-
-    @property
-    def grad_dead_fraction(self) -> float | None:
-        return _fraction(self.grad_dead, self.units)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -124,7 +140,7 @@ class LayerReport:
 
 
 @dataclass
-class Report:
+class Report(_Fractions):
     """What one scan found. `str(report)` is the plain-text table; rich renders it as a styled table."""
 
     framework: str
@@ -191,14 +207,6 @@ class Report:
             return None
         return sum(c for c in counts if c is not None)
 
-    @property
-    def dead_fraction(self) -> float:
-        return _fraction(self.dead, self.units) or 0.0
-
-    @property
-    def grad_dead_fraction(self) -> float | None:
-        return _fraction(self.grad_dead, self.units)
-
     def layer(self, name: str) -> LayerReport:
         for layer in self.layers:
             if layer.name == name:
@@ -231,11 +239,7 @@ class Report:
         return json.dumps(self.to_dict(), indent=indent)
 
     def __str__(self) -> str:
-        from .render import render_text
-
         return render_text(self)
 
     def __rich_console__(self, console: Any, options: Any) -> Any:
-        from .render import report_renderables
-
         yield from report_renderables(self)

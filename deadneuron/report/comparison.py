@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from .report import COMPARISON_SCHEMA, LayerReport, Report
+from .layers import COMPARISON_SCHEMA, LayerReport, Report
+from .text import comparison_renderables, render_text
 
 __all__ = ["COMPARISON_SCHEMA", "Comparison", "SiteComparison"]
 
@@ -33,7 +34,13 @@ class SiteComparison:
 
     @classmethod
     def pair(cls, before: LayerReport, after: LayerReport) -> SiteComparison:
-        return cls(before=before, after=after, gradient_ratio=_gradient_ratio(before, after))
+        split = gradients_after(before, after)
+        ratio = None if split is None else _ratio(*split)
+        return cls(before=before, after=after, gradient_ratio=ratio)
+
+    def gradients(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Mean |gradient| per unit after the swap: (units dead before, units alive before); None without them."""
+        return gradients_after(self.before, self.after)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -49,7 +56,7 @@ class SiteComparison:
         }
 
 
-def _gradient_ratio(before: LayerReport, after: LayerReport) -> float | None:
+def gradients_after(before: LayerReport, after: LayerReport) -> tuple[np.ndarray, np.ndarray] | None:
     if before.stats is None or after.stats is None or before.units != after.units:
         return None
     grad = after.stats.mean_abs_grad
@@ -57,8 +64,11 @@ def _gradient_ratio(before: LayerReport, after: LayerReport) -> float | None:
         return None
     dead = np.zeros(before.units, bool)
     dead[before.dead_units] = True
-    live_median = _median(grad[~dead])
-    dead_median = _median(grad[dead])
+    return grad[dead], grad[~dead]
+
+
+def _ratio(dead: np.ndarray, live: np.ndarray) -> float | None:
+    dead_median, live_median = _median(dead), _median(live)
     if dead_median is None or not live_median:
         return None
     return dead_median / live_median
@@ -99,22 +109,10 @@ class Comparison:
     @property
     def gradient_ratio(self) -> float | None:
         """Over all sites: median mean |gradient| of formerly dead units over that of live units, after the swap."""
-        dead_grads, live_grads = [], []
-        for site in self.sites:
-            stats = site.after.stats
-            if stats is None or stats.mean_abs_grad is None or site.before.units != site.after.units:
-                continue
-            dead = np.zeros(site.before.units, bool)
-            dead[site.before.dead_units] = True
-            dead_grads.append(stats.mean_abs_grad[dead])
-            live_grads.append(stats.mean_abs_grad[~dead])
-        if not dead_grads:
+        splits = [split for split in (site.gradients() for site in self.sites) if split is not None]
+        if not splits:
             return None
-        dead_median = _median(np.concatenate(dead_grads))
-        live_median = _median(np.concatenate(live_grads))
-        if dead_median is None or not live_median:
-            return None
-        return dead_median / live_median
+        return _ratio(np.concatenate([dead for dead, _ in splits]), np.concatenate([live for _, live in splits]))
 
     def verdict(self) -> list[str]:
         """The plain-language reading of the comparison."""
@@ -167,17 +165,7 @@ class Comparison:
         return json.dumps(self.to_dict(), indent=indent)
 
     def __str__(self) -> str:
-        from .render import render_text
-
         return render_text(self)
 
     def __rich_console__(self, console: Any, options: Any) -> Any:
-        from .render import comparison_renderables
-
         yield from comparison_renderables(self)
-
-    def html_sections(self, report_section: Any) -> str:
-        import html
-
-        verdict = "".join(f"<p>{html.escape(line)}</p>" for line in self.verdict())
-        return verdict + report_section(self.before, "Before (ReLU)") + report_section(self.after, f"After ({self.to})")

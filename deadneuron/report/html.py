@@ -5,7 +5,8 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from .render import COLUMNS, layer_row, summary_lines
+from .comparison import Comparison
+from .text import COLUMNS, layer_row, summary_lines
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; }
@@ -36,9 +37,11 @@ def _report_section(report: Any, heading: str | None = None) -> str:
 def to_html(result: Any) -> str:
     """A Report, or anything with `html_sections()` (a Comparison), as a page."""
     esc = html.escape
-    if hasattr(result, "html_sections"):
+    if isinstance(result, Comparison):
         title = f"deadneuron: {result.before.model}"
-        body = result.html_sections(_report_section)
+        verdict = "".join(f"<p>{esc(line)}</p>" for line in result.verdict())
+        before = _report_section(result.before, "Before (ReLU)")
+        body = verdict + before + _report_section(result.after, f"After ({result.to})")
     else:
         title = f"deadneuron: {result.model} ({result.framework})"
         body = _report_section(result)

@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .report import LayerReport, Report
+    from .comparison import Comparison
+    from .layers import LayerReport, Report
 
 
 def _pct(value: float | None) -> str:
@@ -99,7 +100,7 @@ def _before_after(before: int | None, after: int | None, units: int) -> str:
     return f"{one(before)} -> {one(after)}"
 
 
-def comparison_renderables(comparison: Any) -> Iterator[Any]:
+def comparison_renderables(comparison: Comparison) -> Iterator[Any]:
     from rich.table import Table
     from rich.text import Text
 
