@@ -1,0 +1,221 @@
+"""Loading a saved Hugging Face transformers directory (`save_pretrained`) without running code from it.
+
+What is read, and how:
+- `config.json` (at most `CONFIG_LIMIT` bytes) as plain JSON. A config with `auto_map` names Python code shipped
+  with the model ("remote code"); it is refused, and `trust_remote_code` is never passed anywhere.
+- The model class is the one named in `architectures`, looked up in transformers' own namespace (a
+  `PreTrainedModel` subclass that ships with the installed transformers), and the config class is transformers'
+  own for the config's `model_type`. The model is built from the config (random init), then the weights are
+  copied in from `model.safetensors` or the shards named by `model.safetensors.index.json`, read with
+  `safetensors` (no pickle). `pytorch_model.bin` and other pickled weights are refused.
+- transformers is an optional extra (`pip install 'deadneuron[hf]'`); without it the error says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import _first_line
+from ..errors import DeadNeuronError
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+CONFIG_LIMIT = 1 << 20  # bytes; real configs are a few kB
+INSTALL_HINT = "install it with: pip install 'deadneuron[hf]'"
+_PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+
+
+def is_transformers_dir(path: str | os.PathLike[str]) -> bool:
+    """A folder holding a `config.json`: what `save_pretrained` writes (the rest is checked on loading)."""
+    path = os.fspath(path)
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG))
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as error:
+        raise DeadNeuronError(
+            f"loading a transformers model directory needs the transformers package, which is not installed; "
+            f"{INSTALL_HINT}"
+        ) from error
+    return transformers
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """`config.json` of the directory `path` as a dict, checked for remote code and for a known architecture."""
+    file = os.path.join(path, CONFIG)
+    if not os.path.isfile(file):
+        raise DeadNeuronError(
+            f"{path} is a folder without {CONFIG}; expected a transformers model directory written by "
+            "model.save_pretrained(path) (config.json and model.safetensors)"
+        )
+    size = os.path.getsize(file)
+    if size > CONFIG_LIMIT:
+        raise DeadNeuronError(
+            f"{file} is {size} bytes; expected a transformers config of at most {CONFIG_LIMIT} bytes"
+        )
+    try:
+        with open(file, "rb") as handle:
+            config = json.loads(handle.read(CONFIG_LIMIT + 1).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise DeadNeuronError(
+            f"{file} is not valid JSON ({_first_line(error)}); expected the config.json written by save_pretrained"
+        ) from error
+    if not isinstance(config, dict):
+        raise DeadNeuronError(
+            f"{file} holds a JSON {type(config).__name__}; expected an object (a transformers config)"
+        )
+    if "auto_map" in config:
+        raise DeadNeuronError(
+            f"{file} has an auto_map: the model needs Python code shipped with it (remote code), which deadneuron "
+            "never runs; load it yourself with trust_remote_code=True if you trust it, and pass the model to "
+            "deadneuron.scan in Python"
+        )
+    architectures = config.get("architectures")
+    if (
+        not isinstance(architectures, list)
+        or len(architectures) != 1
+        or not isinstance(architectures[0], str)
+        or not isinstance(config.get("model_type"), str)
+    ):
+        raise DeadNeuronError(
+            f"{file} does not name one model class and a model type (architectures={architectures!r}, "
+            f"model_type={config.get('model_type')!r}); expected a config written by model.save_pretrained"
+        )
+    return config
+
+
+def _model_class(transformers: Any, config: dict[str, Any], file: str) -> Any:
+    name = config["architectures"][0]
+    cls = getattr(transformers, name, None) if name.isidentifier() else None
+    base = transformers.PreTrainedModel
+    if not (isinstance(cls, type) and issubclass(cls, base) and cls.__module__.startswith("transformers.")):
+        raise DeadNeuronError(
+            f"{file} names the model class {name!r}, which transformers {transformers.__version__} does not "
+            "ship; expected a transformers model class (upgrade transformers, or build the model in Python and "
+            "pass it to deadneuron.scan)"
+        )
+    return cls
+
+
+def _config_object(transformers: Any, config: dict[str, Any], file: str) -> Any:
+    CONFIG_MAPPING = transformers.CONFIG_MAPPING
+    model_type = config["model_type"]
+    if model_type not in CONFIG_MAPPING:
+        raise DeadNeuronError(
+            f"{file} has model_type {model_type!r}, which transformers {transformers.__version__} does not know; "
+            "expected a model type of the installed transformers (upgrade it)"
+        )
+    return CONFIG_MAPPING[model_type].from_dict(config)
+
+
+def _weight_files(path: str) -> list[str]:
+    single = os.path.join(path, WEIGHTS)
+    if os.path.isfile(single):
+        return [single]
+    index = os.path.join(path, INDEX)
+    if os.path.isfile(index):
+        if os.path.getsize(index) > 16 * CONFIG_LIMIT:
+            raise DeadNeuronError(f"{index} is too large for a shard index; expected a file written by save_pretrained")
+        try:
+            with open(index, "rb") as handle:
+                weight_map = json.loads(handle.read().decode("utf-8")).get("weight_map")
+        except (ValueError, UnicodeDecodeError, AttributeError) as error:
+            raise DeadNeuronError(f"{index} is not a shard index ({_first_line(error)})") from error
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise DeadNeuronError(f"{index} has no weight_map; expected a file written by save_pretrained")
+        shards = sorted({str(name) for name in weight_map.values()})
+        for shard in shards:
+            # Shards are plain file names beside the index: no folders, no way out of the directory.
+            if os.path.basename(shard) != shard or not shard.endswith(".safetensors"):
+                raise DeadNeuronError(
+                    f"{index} names the shard {shard!r}; expected .safetensors file names inside {path}"
+                )
+            if not os.path.isfile(os.path.join(path, shard)):
+                raise DeadNeuronError(f"{index} names the shard {shard}, which is missing from {path}")
+        return [os.path.join(path, shard) for shard in shards]
+    pickled = [name for name in _PICKLED if os.path.exists(os.path.join(path, name))]
+    if pickled:
+        raise DeadNeuronError(
+            f"{path} holds its weights in {pickled[0]}, which is refused (pickle can run code, other formats are "
+            f"not PyTorch); expected {WEIGHTS}: re-save with model.save_pretrained(path, safe_serialization=True)"
+        )
+    raise DeadNeuronError(
+        f"{path} has a {CONFIG} but no weights; expected {WEIGHTS} or {INDEX} beside it (model.save_pretrained)"
+    )
+
+
+def load_pretrained(path: str | os.PathLike[str]) -> nn.Module:
+    """The model saved in the transformers directory `path`, in eval mode, with no code from `path` run."""
+    path = os.fspath(path)
+    config = read_config(path)
+    files = _weight_files(path)
+    transformers = _transformers()
+    file = os.path.join(path, CONFIG)
+    cls = _model_class(transformers, config, file)
+    try:
+        model = cls(_config_object(transformers, config, file))
+    except DeadNeuronError:
+        raise
+    except Exception as error:  # a config whose values this transformers cannot build
+        raise DeadNeuronError(
+            f"transformers could not build {cls.__name__} from {file}: {_first_line(error)}; expected a config "
+            f"written by the installed transformers {transformers.__version__} or a compatible one"
+        ) from error
+    _load_weights(model, files, path)
+    model.eval()
+    return model
+
+
+def _load_weights(model: nn.Module, files: list[str], path: str) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state.update(load_file(file))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise DeadNeuronError(
+                f"cannot read {file} as safetensors (corrupt or truncated?): {_first_line(error)}; expected the "
+                "weights written by save_pretrained"
+            ) from error
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        raise DeadNeuronError(
+            f"the weights in {path} do not fit its config: {_first_line(error)}; expected weights saved with "
+            "this config.json"
+        ) from error
+    tied = _tied_names(model, set(state))
+    missing = [name for name in result.missing_keys if name not in tied]
+    if missing or result.unexpected_keys:
+        what = f"missing {_few(missing)}" if missing else f"unexpected {_few(list(result.unexpected_keys))}"
+        raise DeadNeuronError(
+            f"the weights in {path} do not match {type(model).__name__} ({what}); expected weights saved by "
+            "save_pretrained from the class named in config.json"
+        )
+
+
+def _tied_names(model: nn.Module, loaded: set[str]) -> set[str]:
+    """Parameter names that share their tensor with a loaded one (tied embeddings: saved once)."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(param), []).append(name)
+    tied: set[str] = set()
+    for names in by_tensor.values():
+        if len(names) > 1 and loaded.intersection(names):
+            tied.update(names)
+    return tied
+
+
+def _few(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
