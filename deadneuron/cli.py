@@ -19,7 +19,8 @@ from .errors import DeadNeuronError
 
 app = typer.Typer(
     name="deadneuron",
-    help="Find dead, dormant and gradient-dead units in PyTorch and Keras models; measure what SineReLU changes.",
+    help="Find dead, dormant and gradient-dead units in PyTorch and Keras models; measure what SineReLU changes. "
+    "--no-color anywhere on the line (or the NO_COLOR variable) prints without colour.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -390,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("DEADNEURON_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
+    if "--no-color" in args:  # accepted anywhere, like --debug; rich honours NO_COLOR (https://no-color.org)
+        args = [a for a in args if a != "--no-color"]
+        os.environ["NO_COLOR"] = "1"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     # TensorFlow's Python logger warns about tf.function retracing between the two scans of a comparison: noise
     # for a CLI user. Configured by name, so TensorFlow is not imported for it.

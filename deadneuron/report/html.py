@@ -1,26 +1,55 @@
-"""A report as one self-contained HTML page (no scripts, no external assets), for sharing."""
+"""A report, a comparison or a training history as one self-contained HTML page, for sharing.
+
+No script, no stylesheet or font from elsewhere, no network: the charts are inline SVG (`charts.py`, matplotlib) and
+the style sheet is in the page. Without matplotlib the page keeps its tables and says what to install.
+"""
 
 from __future__ import annotations
 
 import html
-from typing import Any
+from collections.abc import Callable, Iterable
 
+from . import charts
 from .comparison import Comparison
+from .history import FRACTIONS, History
+from .layers import Report
 from .text import COLUMNS, layer_row, summary_lines
 
 _STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; max-width: 72rem; }
 table { border-collapse: collapse; margin: 1rem 0; }
 th, td { padding: 0.3rem 0.7rem; border-bottom: 1px solid #ddd; text-align: right; }
 th:nth-child(-n+2), td:nth-child(-n+2) { text-align: left; }
 tr.dead td { color: #b00020; font-weight: 600; }
 tr.grad-dead td { color: #8a6d00; }
-p.warning { color: #8a6d00; font-weight: 600; }
+p.warning, p.note { color: #8a6d00; font-weight: 600; }
+figure.chart { margin: 1.5rem 0; }
+figure.chart svg { max-width: 100%; height: auto; }
+figcaption { color: #555; font-size: 0.9rem; }
 """
 
+esc = html.escape
 
-def _report_section(report: Any, heading: str | None = None) -> str:
-    esc = html.escape
+
+def _figure(chart: charts.Chart | None) -> str:
+    if chart is None:
+        return ""
+    return (
+        f'<figure class="chart" data-view="{chart.view}">{chart.svg}'
+        f"<figcaption>{esc(chart.caption)}</figcaption></figure>"
+    )
+
+
+def _charts(draw: Iterable[Callable[[], charts.Chart | None]]) -> str:
+    if not charts.available():
+        return (
+            f'<p class="note">Charts need matplotlib, which is not installed: {esc(charts.INSTALL)} '
+            "(or pip install matplotlib), then write the page again.</p>"
+        )
+    return "\n".join(_figure(make()) for make in draw)
+
+
+def _report_section(report: Report, heading: str | None = None) -> str:
     parts = [f"<h2>{esc(heading)}</h2>" if heading else ""]
     parts.append("<table><thead><tr>" + "".join(f"<th>{esc(c)}</th>" for c in COLUMNS) + "</tr></thead><tbody>")
     for layer in report.layers:
@@ -34,19 +63,40 @@ def _report_section(report: Any, heading: str | None = None) -> str:
     return "\n".join(parts)
 
 
-def to_html(result: Any) -> str:
-    """A Report, or anything with `html_sections()` (a Comparison), as a page."""
-    esc = html.escape
+def _history_table(history: History) -> str:
+    sites = history.sites
+    head = [history.axis, *(f"{f} (all)" for f in FRACTIONS), *(f"dead: {site}" for site in sites)]
+    rows = []
+    for window in history.windows:
+        keys = [*FRACTIONS, *(f"dead_fraction/{site}" for site in sites)]
+        values = [f"{100 * window.figures[k]:.1f}%" if k in window.figures else "-" for k in keys]
+        rows.append("<tr>" + "".join(f"<td>{esc(v)}</td>" for v in [str(window.step), *values]) + "</tr>")
+    header = "".join(f"<th>{esc(c)}</th>" for c in head)
+    return f"<table><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def to_html(result: Report | Comparison | History) -> str:
+    """A Report, a Comparison or a callback's History (`monitor.history()`) as a page."""
     if isinstance(result, Comparison):
-        title = f"deadneuron: {result.before.model}"
-        verdict = "".join(f"<p>{esc(line)}</p>" for line in result.verdict())
-        before = _report_section(result.before, "Before (ReLU)")
-        body = verdict + before + _report_section(result.after, f"After ({result.to})")
+        title = f"deadneuron: {result.before.model} ({result.before.framework}), ReLU -> {result.to}"
+        body = "\n".join(
+            [
+                "".join(f"<p>{esc(line)}</p>" for line in result.verdict()),
+                _charts([lambda: charts.comparison_chart(result), lambda: charts.revival_chart(result)]),
+                _report_section(result.before, "Before (ReLU)"),
+                _report_section(result.after, f"After ({result.to})"),
+            ]
+        )
+    elif isinstance(result, History):
+        title = f"deadneuron: {result.model} during training"
+        body = _charts([lambda: charts.history_chart(result)]) + "\n" + _history_table(result)
     else:
         title = f"deadneuron: {result.model} ({result.framework})"
-        body = _report_section(result)
+        body = _charts([lambda: charts.units_chart(result), lambda: charts.firing_chart(result)])
+        body += "\n" + _report_section(result)
     return (
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{esc(title)}</title><style>{_STYLE}</style></head>\n"
         f"<body><h1>{esc(title)}</h1>\n{body}\n</body></html>\n"
     )
+

@@ -1,10 +1,16 @@
-"""Presentation of reports: rich renderables, plain text (a colourless rich console) and the summary prose."""
+"""Presentation of reports: rich renderables, plain text (a colourless rich console) and the summary prose.
+
+The tables fit 80 columns for short site names: counts with their percentage, and the units' firing rates as a
+bar of unicode blocks (see `firing_bar`) instead of columns of numbers.
+"""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 if TYPE_CHECKING:
     from .comparison import Comparison
@@ -21,21 +27,52 @@ def _count(count: int | None, total: int) -> str:
     return f"{count}/{total} ({_pct(count / total if total else 0.0)})"
 
 
+def _share(count: int | None, total: int) -> str:
+    """A count and its percentage of `total` (the units column gives the total)."""
+    return "-" if count is None else f"{count} ({_pct(count / total if total else 0.0)})"
+
+
+#: Firing rates in (0, 1] by eighths; a unit that never fired (rate 0) is a dot.
+BLOCKS = "▁▂▃▄▅▆▇█"
+NEVER = "·"
+BAR_WIDTH = 8
+
+
+def firing_bar(rates: np.ndarray, width: int = BAR_WIDTH) -> str:
+    """The units' firing rates, sorted from the lowest: character j is the rate of the unit at quantile
+    (j + 0.5) / width, a dot when that unit never fired, else a block from ▁ (rate up to 1/8) to █ (above 7/8).
+    Dots on the left are dead units; low blocks next to them are units close to dying.
+
+    >>> firing_bar(np.array([0.0, 0.0, 0.1, 0.5, 1.0, 1.0, 1.0, 1.0]))
+    '··▁▄████'
+    """
+    if rates.size == 0:
+        return ""
+    picked = np.quantile(rates, (np.arange(width) + 0.5) / width, method="inverted_cdf")
+    levels = np.clip(np.ceil(picked * len(BLOCKS)).astype(int) - 1, 0, len(BLOCKS) - 1)
+    return "".join(NEVER if rate <= 0 else BLOCKS[level] for rate, level in zip(picked, levels, strict=True))
+
+
+def _firing(layer: LayerReport) -> str:
+    if layer.stats is None:  # a report without per-unit statistics: the median alone
+        return f"{layer.firing_rate['median']:.2f}"
+    return firing_bar(layer.stats.firing_rate)
+
+
 def layer_row(layer: LayerReport) -> list[str]:
-    rate = layer.firing_rate
     return [
         layer.name,
         layer.kind,
         str(layer.units),
-        _count(layer.dead, layer.units),
-        _count(layer.dormant, layer.units),
-        _count(layer.grad_dead, layer.units),
-        f"{rate['min']:.2f} / {rate['median']:.2f} / {rate['max']:.2f}",
+        _share(layer.dead, layer.units),
+        _share(layer.dormant, layer.units),
+        _share(layer.grad_dead, layer.units),
+        _firing(layer),
         _pct(layer.inactive_rate),
     ]
 
 
-COLUMNS = ["site", "kind", "units", "dead", "dormant", "grad-dead", "firing min/med/max", "inactive/sample"]
+COLUMNS = ["site", "kind", "units", "dead", "dormant", "grad-dead", "firing", "inactive"]
 
 
 def summary_lines(report: Report) -> list[str]:
@@ -63,17 +100,30 @@ def summary_lines(report: Report) -> list[str]:
     return lines
 
 
-def report_renderables(report: Report) -> Iterator[Any]:
+def _table() -> Any:
+    """A table without side borders or padding at the edges, so eight columns fit 80 terminal columns (the title is
+    a line of its own, not wrapped to the table's width)."""
+    from rich import box
     from rich.table import Table
+
+    return Table(box=box.SIMPLE_HEAVY, show_edge=False, pad_edge=False, collapse_padding=True)
+
+
+def report_renderables(report: Report) -> Iterator[Any]:
     from rich.text import Text
 
-    title = f"deadneuron: {report.model} ({report.framework})"
-    table = Table(title=title, title_justify="left", show_lines=False)
-    for i, column in enumerate(COLUMNS):
-        table.add_column(column, justify="left" if i < 2 else "right", no_wrap=i == 0)
+    # One kind for every site (the common case) goes into the title, leaving the width to the site names.
+    kinds = {layer.kind for layer in report.layers}
+    one_kind = f", every site {next(iter(kinds))}" if len(kinds) == 1 else ""
+    yield Text(f"deadneuron: {report.model} ({report.framework}{one_kind})", style="bold")
+    shown = [i for i in range(len(COLUMNS)) if not (one_kind and COLUMNS[i] == "kind")]
+    table = _table()
+    for i in shown:
+        table.add_column(COLUMNS[i], justify="left" if i < 2 else "right", overflow="fold", no_wrap=i > 0)
     for layer in report.layers:
         style = "bold red" if layer.dead else ("yellow" if layer.grad_dead else "")
-        table.add_row(*layer_row(layer), style=style)
+        row = layer_row(layer)
+        table.add_row(*(row[i] for i in shown), style=style)
     yield table
     for line in summary_lines(report):
         yield Text(line)
@@ -93,37 +143,31 @@ def render_text(renderable: Any, width: int = 120) -> str:
     return buffer.getvalue().rstrip("\n")
 
 
-def _before_after(before: int | None, after: int | None, units: int) -> str:
-    def one(count: int | None) -> str:
-        return "-" if count is None else f"{count} ({_pct(count / units if units else 0.0)})"
-
-    return f"{one(before)} -> {one(after)}"
+def _before_after(before: int | None, after: int | None) -> str:
+    return f"{'-' if before is None else before} -> {'-' if after is None else after}"
 
 
 def comparison_renderables(comparison: Comparison) -> Iterator[Any]:
-    from rich.table import Table
     from rich.text import Text
 
     before = comparison.before
     eps = ", ".join(f"{k} {v:g}" for k, v in comparison.epsilon.items())
-    table = Table(
-        title=f"deadneuron: {before.model} ({before.framework}), ReLU -> {comparison.to} ({eps})",
-        title_justify="left",
-    )
+    yield Text(f"deadneuron: {before.model} ({before.framework}), ReLU -> {comparison.to} ({eps})", style="bold")
+    table = _table()
     for i, column in enumerate(["site", "units", "dead", "dormant", "grad-dead", "dead-unit grad / live"]):
         table.add_column(column, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for site in comparison.sites:
         b, a = site.before, site.after
         ratio = "-" if site.gradient_ratio is None else f"{site.gradient_ratio:.2g}"
         table.add_row(
-            b.name, str(b.units), _before_after(b.dead, a.dead, b.units), _before_after(b.dormant, a.dormant, b.units),
-            _before_after(b.grad_dead, a.grad_dead, b.units), ratio,
+            b.name, str(b.units), _before_after(b.dead, a.dead), _before_after(b.dormant, a.dormant),
+            _before_after(b.grad_dead, a.grad_dead), ratio,
         )
     total = before.units
     table.add_row(
-        "total", str(total), _before_after(before.dead, comparison.after.dead, total),
-        _before_after(before.dormant, comparison.after.dormant, total),
-        _before_after(before.grad_dead, comparison.after.grad_dead, total),
+        "total", str(total), _before_after(before.dead, comparison.after.dead),
+        _before_after(before.dormant, comparison.after.dormant),
+        _before_after(before.grad_dead, comparison.after.grad_dead),
         "-" if comparison.gradient_ratio is None else f"{comparison.gradient_ratio:.2g}", style="bold",
     )
     yield table
