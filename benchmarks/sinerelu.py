@@ -1,6 +1,7 @@
 """Benchmark SineReLU on PyTorch (CPU): forward, forward+backward, and what each variant saves for backward.
 
-Variants: torch.relu (the floor), `deadneuron.torch.sinerelu` (both forms), the naive composition
+Variants: torch.relu (the floor), `deadneuron.torch.sinerelu` by default (both forms: the fused loops when the
+install built them, deadneuron/torch/fused.py) and its eager fallback (`kernels.suspended()`), the naive composition
 `torch.where(x > 0, x, eps*(sin x - cos x))`, and keras-contrib's `max(eps*(sin x - cos x), x)` written as
 torch ops with autograd's own backward. Every round times each variant once (interleaved, so that load from
 other processes on a shared machine hits all of them alike); the table shows medians over rounds. Forward runs
@@ -19,14 +20,13 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from timing import Step, measure  # benchmarks/timing.py: run as `python benchmarks/...`
 
-from deadneuron.torch import compile_kernels, sinerelu
+from deadneuron.torch import fused, sinerelu
 from deadneuron.torch.kernels import suspended
 
 EPSILON = 0.0025
@@ -37,9 +37,13 @@ def naive_where(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, x, EPSILON * (torch.sin(x) - torch.cos(x)))
 
 
-def eager(x: torch.Tensor, form: str = "piecewise") -> torch.Tensor:
-    with suspended():  # the default path: no compiled kernels, even when this run built them
-        return sinerelu(x, EPSILON, form=form)  # type: ignore[arg-type]
+def default(x: torch.Tensor, form: str = "piecewise") -> torch.Tensor:
+    return sinerelu(x, EPSILON, form=form)  # type: ignore[arg-type]
+
+
+def eager(x: torch.Tensor) -> torch.Tensor:
+    with suspended():  # the fallback where the fused loops were not built
+        return sinerelu(x, EPSILON)
 
 
 def keras_contrib_max(x: torch.Tensor) -> torch.Tensor:
@@ -49,14 +53,14 @@ def keras_contrib_max(x: torch.Tensor) -> torch.Tensor:
 
 RELU = "torch.relu"
 OURS = "deadneuron sinerelu (piecewise)"
-COMPILED = "deadneuron sinerelu (piecewise, compile_kernels())"
+EAGER = "deadneuron sinerelu (piecewise, eager fallback)"
 NAIVE = "naive where(x > 0, x, eps*(sin - cos))"
 CONTRIB = "keras-contrib max(eps*(sin - cos), x)"
 VARIANTS: dict[str, Activation] = {
     RELU: torch.relu,
-    OURS: eager,
-    "deadneuron sinerelu (form='max')": lambda x: eager(x, "max"),
-    COMPILED: lambda x: sinerelu(x, EPSILON),
+    OURS: default,
+    "deadneuron sinerelu (form='max')": lambda x: default(x, "max"),
+    EAGER: eager,
     NAIVE: naive_where,
     CONTRIB: keras_contrib_max,
 }
@@ -123,16 +127,13 @@ def main() -> None:
     rounds = args.rounds or (3 if args.quick else 9)
     sizes = [1 << 20, 1 << 16] if args.quick else [1 << 24, 1 << 18, 1 << 16]
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    start = time.perf_counter()
-    status = compile_kernels()  # opt-in fused kernels for the COMPILED row (tensors >= 1M elements)
-    build_s = time.perf_counter() - start
 
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch.set_num_threads({torch.get_num_threads()}); float32 standard-normal input, "
         f"epsilon {EPSILON}; "
         f"median of {rounds} interleaved rounds; forward under no_grad, forward+backward via autograd.grad; "
-        f"compile_kernels() took {build_s:.1f} s ({status}, TorchInductor's disk cache may have been warm)"
+        f"fused loops built: {fused.available()}; load average {os.getloadavg()[0]:.1f}"
     )
     print()
     print(
@@ -170,9 +171,9 @@ def main() -> None:
             f"{result[f'{CONTRIB}/fwd'] / fwd:.2f}x forward, "
             f"{result[f'{CONTRIB}/fb'] / fb:.2f}x forward+backward"
         )
-        fwd, fb = result[f"{COMPILED}/fwd"], result[f"{COMPILED}/fb"]
+        fwd, fb = result[f"{EAGER}/fwd"], result[f"{EAGER}/fb"]
         summary.append(
-            f"{size:,} elements, after compile_kernels(): deadneuron / torch.relu = {fwd / relu_f:.2f}x forward, "
+            f"{size:,} elements, eager fallback: deadneuron / torch.relu = {fwd / relu_f:.2f}x forward, "
             f"{fb / relu_fb:.2f}x forward+backward{relu_target}; naive / deadneuron = {naive_fb / fb:.2f}x "
             "forward+backward"
         )

@@ -1,12 +1,23 @@
-"""A LeNet-5 training step with ReLU, with SineReLU (eager) and with SineReLU after compile_kernels(), side by side.
+"""A LeNet-5 training step with ReLU and with SineReLU, default settings, in PyTorch and in Keras, side by side.
 
 The article (Rodrigues, 2018) trained LeNet-5 with SineReLU in 4h15 against 3h45 with ReLU (1.13x). This measures
-the same question on this machine for one optimizer step: LeNet-5 (conv 6@5x5, pool, conv 16@5x5, pool, 120, 84,
-10; ReLU after each conv and hidden dense layer) on 28x28 inputs, SGD with momentum, cross-entropy; the SineReLU
-model is `deadneuron.swap` of the ReLU one (epsilon 0.0025 after convolutions, 0.025 after dense layers). Steps run
-interleaved (one step of each variant per round), after warm-up; the table shows medians.
+the same question on this machine for one optimizer step: LeNet-5 (conv 6@5x5 'same', pool, conv 16@5x5, pool, 120,
+84, 10; ReLU after each conv and hidden dense layer) on 28x28 inputs, SGD with momentum, cross-entropy; the SineReLU
+model is `deadneuron.swap` of the ReLU one (epsilon 0.0025 after convolutions, 0.025 after dense layers), called
+with no other setting: what a user gets by default.
 
-    python benchmarks/train_step.py                 # batch 128 and 512, 31 rounds
+- PyTorch: eager `loss.backward(); optimizer.step()`. Columns: ReLU, SineReLU by default (the fused loops when the
+  install built them, `deadneuron/torch/fused.py`), and the eager fallback (`kernels.suspended()`) for reference.
+- Keras (TensorFlow backend, in a child process): `model.train_on_batch` after `model.compile(...)` with Keras's
+  default `jit_compile="auto"` (Keras turns XLA off on a CPU-only machine: the step is a TF graph without XLA), and
+  the same models compiled with `jit_compile=True` (XLA) as a second pair.
+
+Steps run interleaved, one step of each variant per round, after warm-up. Per round the SineReLU step is divided by
+the ReLU step of the same round; the table shows the median of those paired ratios and their interquartile range
+(min-max would mostly show the other processes on a shared machine), and the median step times.
+
+    python benchmarks/train_step.py                  # batch 32 and 128, 41 rounds, both frameworks
+    python benchmarks/train_step.py --rounds 11 --batches 32   # quicker
 """
 
 from __future__ import annotations
@@ -15,17 +26,48 @@ import argparse
 import copy
 import os
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 
-import torch
-from torch import nn
+import numpy as np
 
-import deadneuron
-from deadneuron.torch import compile_kernels
-from deadneuron.torch.kernels import suspended
+Step = Callable[[], object]
+TARGET = 1.13  # the article's ratio (issue 15's target)
 
 
-def lenet5() -> nn.Module:
+def interleaved(steps: dict[str, Step], rounds: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Milliseconds of every step in every round; each round runs each step once, in the given order."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            begin = time.perf_counter()
+            step()
+            times[name].append((time.perf_counter() - begin) * 1e3)
+    return times
+
+
+def paired(times: dict[str, list[float]], name: str, base: str) -> str:
+    """Median of the per-round ratios name/base, with their interquartile range."""
+    ratios = np.array(times[name]) / np.array(times[base])
+    q1, median, q3 = np.percentile(ratios, [25, 50, 75])
+    return f"{median:.2f}x ({q1:.2f}-{q3:.2f})"
+
+
+def median_ms(times: dict[str, list[float]], name: str) -> str:
+    return f"{statistics.median(times[name]):.2f}"
+
+
+# PyTorch ------------------------------------------------------------------------------------------------------------
+
+
+def torch_lenet5():  # noqa: ANN201 - torch is imported by the framework that runs
+    from torch import nn
+
     return nn.Sequential(
         nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
@@ -33,65 +75,155 @@ def lenet5() -> nn.Module:
     )
 
 
-def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eager: bool):
+def torch_step(model, x, y, eager: bool = False) -> Step:  # noqa: ANN001
+    import torch
+    from torch import nn
+
+    from deadneuron.torch.kernels import suspended
+
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         if eager:
             with suspended():
-                loss = nn.functional.cross_entropy(model(x), y)
-                loss.backward()
+                nn.functional.cross_entropy(model(x), y).backward()
         else:
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
+            nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
 
     return step
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=31)
-    parser.add_argument("--batches", type=int, nargs="*", default=[128, 512])
-    args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-    start = time.perf_counter()
-    status = compile_kernels()
+def run_torch(batches: list[int], rounds: int) -> None:
+    import torch
+
+    import deadneuron
+    from deadneuron.torch import fused
+
     print(
-        f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch.set_num_threads({torch.get_num_threads()}); "
-        f"LeNet-5 on 28x28 float32, SGD(momentum 0.9); median of {args.rounds} interleaved steps; "
-        f"compile_kernels() took {time.perf_counter() - start:.1f} s ({status})"
+        f"PyTorch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()} (default), fused loops "
+        f"built: {fused.available()}; median of {rounds} interleaved steps"
     )
     print()
-    print("| batch | ReLU step ms | SineReLU eager ms | SineReLU compiled ms | eager / ReLU | compiled / ReLU |")
+    print(
+        "| batch | ReLU step ms | SineReLU step ms | SineReLU / ReLU (IQR) | eager fallback ms "
+        "| eager fallback / ReLU (IQR) |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-    for batch in args.batches:
+    for batch in batches:
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(batch, 1, 28, 28, generator=generator)
         y = torch.randint(0, 10, (batch,), generator=generator)
         torch.manual_seed(0)
-        relu = lenet5()
+        relu = torch_lenet5()
         swapped = deadneuron.swap(relu)
-        steps = {
-            "relu": make_step(copy.deepcopy(relu), x, y, eager=False),
-            "eager": make_step(copy.deepcopy(swapped), x, y, eager=True),
-            "compiled": make_step(copy.deepcopy(swapped), x, y, eager=False),
-        }
-        times: dict[str, list[float]] = {name: [] for name in steps}
-        for step in steps.values():
-            for _ in range(3):
-                step()
-        for _ in range(args.rounds):
-            for name, step in steps.items():
-                begin = time.perf_counter()
-                step()
-                times[name].append((time.perf_counter() - begin) * 1e3)
-        ms = {name: statistics.median(values) for name, values in times.items()}
-        print(
-            f"| {batch} | {ms['relu']:.2f} | {ms['eager']:.2f} | {ms['compiled']:.2f} | "
-            f"{ms['eager'] / ms['relu']:.2f}x | {ms['compiled'] / ms['relu']:.2f}x |"
+        times = interleaved(
+            {
+                "relu": torch_step(copy.deepcopy(relu), x, y),
+                "sinerelu": torch_step(copy.deepcopy(swapped), x, y),
+                "eager": torch_step(copy.deepcopy(swapped), x, y, eager=True),
+            },
+            rounds,
         )
+        print(
+            f"| {batch} | {median_ms(times, 'relu')} | {median_ms(times, 'sinerelu')} | "
+            f"{paired(times, 'sinerelu', 'relu')} | {median_ms(times, 'eager')} | {paired(times, 'eager', 'relu')} |",
+            flush=True,
+        )
+
+
+# Keras --------------------------------------------------------------------------------------------------------------
+
+
+def keras_lenet5():  # noqa: ANN201
+    import keras
+
+    return keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            keras.layers.Conv2D(6, 5, padding="same", activation="relu"), keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(16, 5, activation="relu"), keras.layers.MaxPooling2D(),
+            keras.layers.Flatten(), keras.layers.Dense(120, activation="relu"),
+            keras.layers.Dense(84, activation="relu"), keras.layers.Dense(10),
+        ]
+    )
+
+
+def keras_step(model, x, y, jit_compile: object) -> Step:  # noqa: ANN001
+    import keras
+
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit_compile,
+    )
+    return lambda: model.train_on_batch(x, y)
+
+
+def run_keras(batches: list[int], rounds: int) -> None:
+    import keras
+    import tensorflow as tf
+
+    import deadneuron
+
+    print(
+        f"Keras {keras.__version__}, TensorFlow {tf.__version__}, backend {keras.backend.backend()}; "
+        f"median of {rounds} interleaved train_on_batch steps"
+    )
+    print()
+    print(
+        "| batch | compile | XLA in use | ReLU step ms | SineReLU step ms | SineReLU / ReLU (IQR) |"
+    )
+    print("| ---: | --- | --- | ---: | ---: | ---: |")
+    for batch in batches:
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((batch, 28, 28, 1)).astype("float32")
+        y = rng.integers(0, 10, batch)
+        keras.utils.set_random_seed(0)
+        relu = keras_lenet5()
+        swapped = deadneuron.swap(relu)
+        steps: dict[str, Step] = {}
+        xla: dict[str, bool] = {}
+        for setting in ("auto", True):
+            for name, model in (("relu", relu), ("sinerelu", swapped)):
+                clone = keras.models.clone_model(model)
+                clone.set_weights(model.get_weights())
+                steps[f"{name}/{setting}"] = keras_step(clone, x, y, setting)
+                xla[f"{setting}"] = bool(clone.jit_compile)
+        times = interleaved(steps, rounds)
+        for setting in ("auto", True):
+            label = '"auto" (default)' if setting == "auto" else "True"
+            print(
+                f"| {batch} | jit_compile={label} | {xla[str(setting)]} | {median_ms(times, f'relu/{setting}')} | "
+                f"{median_ms(times, f'sinerelu/{setting}')} | "
+                f"{paired(times, f'sinerelu/{setting}', f'relu/{setting}')} |",
+                flush=True,
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=41)
+    parser.add_argument("--batches", type=int, nargs="*", default=[32, 128])
+    parser.add_argument("--framework", choices=["both", "torch", "keras"], default="both")
+    args = parser.parse_args()
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; target SineReLU/ReLU <= {TARGET}x")
+    print()
+    if args.framework in ("both", "torch"):
+        run_torch(args.batches, args.rounds)
+        print()
+    if args.framework == "keras":
+        run_keras(args.batches, args.rounds)
+    elif args.framework == "both":
+        # A child process: TensorFlow's and torch's thread pools in one process would share the two cores unfairly.
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": "tensorflow"}
+        command = [sys.executable, __file__, "--framework", "keras", "--rounds", str(args.rounds), "--batches"]
+        result = subprocess.run([*command, *map(str, args.batches)], env=env, capture_output=True, text=True)
+        print("\n".join(result.stdout.splitlines()[2:-1]))  # without the child's first and last lines (load)
+        if result.returncode != 0:
+            print(f"(Keras half failed, exit code {result.returncode}:)\n{result.stderr[-2000:]}")
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":

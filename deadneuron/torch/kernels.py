@@ -1,5 +1,8 @@
 """Compiled CPU kernels for SineReLU: opt-in, built when asked, never on a call.
 
+Superseded as the fast path by the fused C loops built at install time (`fused.py`), which SineReLU uses by default;
+these remain for an install without them, and once built they are asked first.
+
 The eager SineReLU (`sinerelu.py`) runs 6-7 elementwise passes per cache-sized chunk plus numpy's sin or cos, and
 costs ~1.5-2x torch.relu forward and forward+backward on 16M float32 elements (docs/benchmarks.md). One fused
 loop per direction (load z, one transcendental, select, store) is what closes that gap, and TorchInductor writes
@@ -205,7 +208,8 @@ def clear_kernels() -> None:
 
 @contextmanager
 def suspended() -> Iterator[None]:
-    """Run SineReLU eagerly in this thread inside the block, built kernels or not (benchmarks, comparisons)."""
+    """Run SineReLU eagerly in this thread inside the block: neither compiled kernels nor the fused loops
+    (`fused.py`) that run by default (benchmarks, comparisons)."""
     before = getattr(_suspended, "on", False)
     _suspended.on = True
     try:
@@ -214,8 +218,18 @@ def suspended() -> Iterator[None]:
         _suspended.on = before
 
 
+def built_any() -> bool:
+    """Whether any kernel is ready (then the flat paths ask them first)."""
+    return bool(_ready)
+
+
+def is_suspended() -> bool:
+    """Whether this thread is inside `suspended()`."""
+    return getattr(_suspended, "on", False)
+
+
 def _usable(src: Tensor, form: str, *others: Tensor) -> tuple[_Kernels, ...] | None:
-    if not _ready or getattr(_suspended, "on", False) or src.device.type != "cpu" or src.numel() == 0:
+    if not _ready or is_suspended() or src.device.type != "cpu" or src.numel() == 0:
         return None
     kernels = _ready.get((src.dtype, form))
     if kernels is None:

@@ -11,8 +11,10 @@ branch selection done by multiplying with 0/1 float masks. Only the output (and 
 allocated at full size, as for torch.relu. One transcendental per element per pass: sin(z - pi/4) forward,
 cos(z - pi/4) backward. The backward recomputes from the saved input, the only tensor saved.
 
-`deadneuron.torch.compile_kernels()` (opt-in, `kernels.py`) builds fused CPU kernels for float32/float64 that then
-take the whole tensor; this eager path runs whatever they do not (other dtypes and devices, or after a failure).
+By default CPU float32/float64 tensors skip all that: one fused C loop per direction, built at install time
+(`fused.py`, `_fused.c`), takes the whole tensor. `deadneuron.torch.compile_kernels()` (opt-in, older, `kernels.py`)
+builds TorchInductor kernels that, once built, are asked first. This eager path runs whatever neither takes (other
+dtypes and devices, an install without a C compiler, after a failure, or inside `kernels.suspended()`).
 
 On other devices the same ops run on the whole tensor at once (chunking only helps a CPU cache), and under
 torch.compile/torch.export a plain composition is traced instead, which the compiler fuses itself.
@@ -33,12 +35,13 @@ from torch.overrides import handle_torch_function, has_torch_function_unary
 
 from ..errors import DeadNeuronError
 from ..reference import DEFAULT_EPSILON, Form, check_form
-from . import kernels
+from . import fused, kernels
 from .pool import scratch_vectors
 
 __all__ = ["SineReLU", "sinerelu"]
 
 _QUARTER_PI = math.pi / 4
+_SQRT2 = math.sqrt(2.0)
 # 256K elements: each of the two threads works on 128K-element halves of a chunk, so its share of the
 # input, scratch, mask and output chunks (4 x 512 KiB) stays in its 2 MiB L2 on this machine, and there are
 # few enough ops per tensor (64 chunks x 6 ops for 16M elements) that per-op dispatch and the OpenMP
@@ -163,6 +166,8 @@ def _forward_flat(src: Tensor, dst: Tensor, epsilon: float, form: str) -> None:
         return
     k = epsilon * math.sqrt(2.0)
     done = kernels.forward(src, dst, k, form)  # whole pieces, when compile_kernels() has built a kernel
+    if not done and fused.forward(src, dst, k, form):
+        return
     if done:
         src, dst, n = src[done:], dst[done:], n - done
         if n == 0:
@@ -217,6 +222,8 @@ def _backward_flat(src: Tensor, grad: Tensor, dst: Tensor, epsilon: float, form:
     crossing = 0.0 if form == "piecewise" else _max_form_crossing(epsilon, ctype)
     if crossing is not None:
         done = kernels.backward(src, grad, dst, k, crossing, form)
+        if not done and fused.backward(src, grad, dst, k, crossing, form):
+            return
         if done:
             src, grad, dst, n = src[done:], grad[done:], dst[done:], n - done
             if n == 0:
@@ -272,6 +279,12 @@ def _backward_chunks(
 
 
 def _forward(x: Tensor, epsilon: float, form: str) -> Tensor:
+    # The common case first, in the fewest Python steps (small tensors are many); compiled kernels, when asked for,
+    # come first in _forward_flat.
+    if not kernels.built_any() and x.is_contiguous():
+        out = torch.empty_like(x)
+        if fused.forward(x, out, epsilon * _SQRT2, form):
+            return out
     perm = _memory_order(x)
     if perm is None:
         x = x.contiguous()
@@ -295,6 +308,10 @@ def _forward_inplace(x: Tensor, epsilon: float, form: str) -> None:
 
 
 def _backward(x: Tensor, grad: Tensor, epsilon: float, form: str) -> Tensor:
+    if form == "piecewise" and not kernels.built_any() and x.is_contiguous() and grad.is_contiguous():  # as _forward
+        grad_input = torch.empty_like(x, dtype=grad.dtype)
+        if fused.backward(x, grad, grad_input, epsilon * _SQRT2, 0.0, form):
+            return grad_input
     perm = _memory_order(x)
     if perm is None:
         x = x.contiguous()
@@ -363,17 +380,22 @@ def sinerelu(
     >>> sinerelu(torch.tensor([1.0, 0.0]), epsilon=0.5)
     tensor([ 1.0000, -0.5000])
     """
-    epsilon = _check_epsilon(epsilon)
-    check_form(form)
+    return _apply(x, _check_epsilon(epsilon), check_form(form), inplace)
+
+
+def _apply(x: Tensor, epsilon: float, form: str, inplace: bool) -> Tensor:
+    """`sinerelu` with epsilon and form already checked (the module checks them once, in __init__)."""
     _compute_dtype(x.dtype)
     if torch.compiler.is_compiling() or torch.compiler.is_exporting():
         if inplace:
-            return x.copy_(_traceable(x, epsilon, form))
+            # The clone is what the composition's backward keeps: x itself is overwritten here (as the eager
+            # in-place Function keeps a copy); the compiler folds the copies into its fused loop.
+            return x.copy_(_traceable(x.clone(), epsilon, form))
         return _traceable(x, epsilon, form)
     if has_torch_function_unary(x):
         # One call that a TorchFunctionMode (a scan's functional sites) or a tensor subclass sees whole, so that a
         # functional SineReLU is a site and its internal chunk ops are not taken for activations.
-        return handle_torch_function(sinerelu, (x,), x, epsilon, form, inplace)  # type: ignore[no-any-return]
+        return handle_torch_function(sinerelu, (x,), x, epsilon, form, inplace)  # type: ignore[no-any-return, arg-type]
     needs_grad = torch.is_grad_enabled() and x.requires_grad
     if inplace:
         if needs_grad:
@@ -401,7 +423,7 @@ class SineReLU(nn.Module):
         self.inplace = bool(inplace)
 
     def forward(self, x: Tensor) -> Tensor:
-        return sinerelu(x, self.epsilon, self.form, self.inplace)
+        return _apply(x, self.epsilon, self.form, self.inplace)
 
     def extra_repr(self) -> str:
         parts = [f"epsilon={self.epsilon}"]

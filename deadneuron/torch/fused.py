@@ -1,0 +1,76 @@
+"""SineReLU's default CPU path: one fused C loop per direction (`_fused.c`), built once when the package is installed.
+
+The eager path (`sinerelu.py`) runs six elementwise torch ops and numpy's sin or cos per cache-sized chunk; this runs
+one loop (load, one transcendental, select, store) over the whole tensor, with glibc's vector sin/cos where the build
+found them. `setup.py` builds it as an optional extension: where no C compiler was found the package installs without
+it and SineReLU stays eager (`available()` says which). Nothing is compiled at import or on a call, no thread outlives
+a call (large tensors are split over `torch.get_num_threads()` threads that end before it returns, so a fork never
+meets a running pool), and importing it costs a shared-library load.
+
+It takes contiguous CPU float32/float64 tensors of one dtype and size (whole tensors, or the flat views `sinerelu.py`
+makes of dense ones in another memory order); anything else,
+and the max form with epsilon*sqrt(2) > 1 in backward, stays eager. `kernels.suspended()` turns it off in a block.
+Values: the eager path's maths (same clamp before the transcendental, same branch choice, nan and inf alike), within a
+few ulps of it, since the sine comes from libmvec (<= 4 ulps) instead of numpy.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import kernels
+
+try:
+    from . import _fused  # type: ignore[attr-defined]
+except ImportError:  # built without a C compiler, or a platform the build did not support
+    _fused = None
+
+__all__ = ["available", "backward", "forward"]
+
+# Below this many elements one thread does the whole call: starting and joining a thread costs ~20-30 us here, as
+# much as the loop on ~40K float32 elements, and the other core is often busy.
+PARALLEL_MIN = 1 << 18
+_DTYPES = (torch.float32, torch.float64)
+
+
+def available() -> bool:
+    """Whether the fused loops were built with this installation (`pip install` found a C compiler)."""
+    return _fused is not None
+
+
+def _usable(src: Tensor, *others: Tensor) -> bool:
+    # Cheap checks only: this runs on every call, small tensors included (`is_cpu`, not `device.type`).
+    if _fused is None or not src.is_cpu or src.dtype not in _DTYPES or kernels.is_suspended():
+        return False
+    if not src.is_contiguous():
+        return False
+    for t in others:
+        if t.dtype != src.dtype or not t.is_cpu or not t.is_contiguous() or t.numel() != src.numel():
+            return False
+    return True
+
+
+def _threads(n: int) -> int:
+    return torch.get_num_threads() if n >= PARALLEL_MIN else 1
+
+
+def forward(src: Tensor, dst: Tensor, k: float, form: str) -> bool:
+    """dst = SineReLU(src) (`k` = epsilon*sqrt(2); dst may be src); False, doing nothing, when it does not apply."""
+    if not _usable(src, dst):
+        return False
+    n = src.numel()
+    _fused.forward(src.data_ptr(), dst.data_ptr(), n, k, src.dtype == torch.float64, form == "max", _threads(n))
+    return True
+
+
+def backward(src: Tensor, grad: Tensor, dst: Tensor, k: float, crossing: float, form: str) -> bool:
+    """dst = grad * SineReLU'(src), the linear branch starting at `crossing`; False when it does not apply."""
+    if not _usable(src, grad, dst):
+        return False
+    n = src.numel()
+    _fused.backward(
+        src.data_ptr(), grad.data_ptr(), dst.data_ptr(), n, k, crossing, src.dtype == torch.float64, form == "max",
+        _threads(n),
+    )
+    return True
