@@ -82,6 +82,9 @@ def load_model(
         raise DeadNeuronError(f"model file not found: {path}")
     if os.path.isdir(path):
         raise DeadNeuronError(f"{path} is a folder; expected a model file")
+    from .filekind import check
+
+    check(path, os.path.splitext(path)[1])  # the content matches the name, told before a framework is imported
     return adapter(framework).load_model(
         path, arch=arch, unsafe_pickle=unsafe_pickle, unsafe_deserialization=unsafe_deserialization
     )

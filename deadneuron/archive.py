@@ -43,7 +43,8 @@ def open_zip(source: str | IO[bytes], *, what: str, kind: str, expected: str) ->
         archive = zipfile.ZipFile(source)
     except ZIP_ERRORS as error:
         raise DeadNeuronError(
-            f"{what} is not {kind} (not a zip file: damaged, truncated or another format); expected {expected}"
+            f"{what} is not {kind} (not a readable zip file: corrupt or truncated, or another format); "
+            f"expected {expected}"
         ) from error
     seen: set[str] = set()
     for info in archive.infolist():
@@ -53,6 +54,8 @@ def open_zip(source: str | IO[bytes], *, what: str, kind: str, expected: str) ->
             problem = "appears twice (zip readers disagree on which copy they read)"
         if problem is None and info.flag_bits & 0x1:
             problem = "is encrypted"
+        if problem is None and info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+            problem = "is stored uncompressed but declares a size other than its size on disk"
         if problem is None and info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             problem = f"uses compression method {info.compress_type} (expected stored or deflated)"
         if problem is not None:
@@ -92,15 +95,20 @@ def read_member_into(archive: zipfile.ZipFile, info: zipfile.ZipInfo, buffer: me
         raise DeadNeuronError(
             f"{what}: the member {info.filename} holds {info.file_size:,} bytes, expected {buffer.nbytes:,}"
         )
+    with archive.open(info) as stream:
+        fill(stream, buffer, what=f"{what}: the member {info.filename}")
+
+
+def fill(stream: IO[bytes], buffer: memoryview, *, what: str) -> None:
+    """Fill `buffer` from `stream` in chunks (no second copy of the data); DeadNeuronError if it ends first."""
     view = buffer.cast("B")
     filled = 0
-    with archive.open(info) as stream:
-        while filled < view.nbytes:
-            chunk = stream.read(min(CHUNK, view.nbytes - filled))
-            if not chunk:
-                raise DeadNeuronError(f"{what}: the member {info.filename} ended early (truncated file?)")
-            view[filled : filled + len(chunk)] = chunk
-            filled += len(chunk)
+    while filled < view.nbytes:
+        chunk = stream.read(min(CHUNK, view.nbytes - filled))
+        if not chunk:
+            raise DeadNeuronError(f"{what} ended early (truncated file?)")
+        view[filled : filled + len(chunk)] = chunk
+        filled += len(chunk)
 
 
 def check_stored_zip(data: bytes, *, what: str, expected: str) -> None:

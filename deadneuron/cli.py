@@ -177,7 +177,7 @@ def _dataset(data: Path | None, samples: int | None) -> Any:
         return None
     from .data import limit, load_data_file
 
-    return limit(load_data_file(data), samples)
+    return limit(load_data_file(data, samples=samples), samples)
 
 
 @app.command()

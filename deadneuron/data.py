@@ -39,23 +39,72 @@ def _check_numeric(array: np.ndarray, what: str, path: str) -> None:
         )
 
 
-def _open_npz_member(path: str, name: str) -> np.ndarray:
-    """Memory-map an uncompressed member of an .npz; fall back to reading it when the archive is compressed."""
-    with zipfile.ZipFile(path) as archive:
-        info = archive.getinfo(name + ".npy")
-        if info.compress_type == zipfile.ZIP_STORED:
-            with archive.open(info) as member:
-                version = np.lib.format.read_magic(member)
-                read_header = (
-                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+# A compressed .npz member cannot be memory-mapped: it is decompressed into memory, at most this much of it.
+NPZ_COMPRESSED_LIMIT = 256 << 20
+NPZ_EXPECTED = "a .npz written by numpy.savez with key 'x' (optional 'y')"
+
+
+def _npz_arrays(path: str, samples: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """x and y of an .npz: stored members memory-mapped, compressed ones decompressed in chunks up to
+    NPZ_COMPRESSED_LIMIT (only the first `samples` rows when given)."""
+    from .archive import open_zip
+
+    with open_zip(path, what=path, kind="a .npz file", expected=NPZ_EXPECTED) as archive:
+        members = {}
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                raise DeadNeuronError(
+                    f"{path} holds {info.filename!r}, which is not a .npy array, so it is not a .npz file; "
+                    f"expected {NPZ_EXPECTED}"
                 )
-                shape, fortran, dtype = read_header(member)
-                header_end = member.tell()
-            if not dtype.hasobject:
-                offset = info.header_offset + _local_header_size(path, info) + header_end
-                return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
-    with np.load(path, allow_pickle=False) as archive:
-        return archive[name]
+            members[info.filename[:-4]] = info
+        if "x" not in members:
+            raise DeadNeuronError(
+                f"{path} has no array named 'x' (it has: {', '.join(members) or 'none'}); save the inputs as "
+                "numpy.savez(path, x=inputs, y=labels)"
+            )
+        x = _npz_member(path, archive, members["x"], samples)
+        y = _npz_member(path, archive, members["y"], samples) if "y" in members else None
+    return x, y
+
+
+def _npz_member(path: str, archive: zipfile.ZipFile, info: zipfile.ZipInfo, samples: int | None) -> np.ndarray:
+    from .archive import fill
+
+    name = info.filename[:-4]
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(member)
+        header_end = member.tell()
+    if dtype.hasobject:
+        raise DeadNeuronError(
+            f"{path}: {name} holds Python objects, which are refused (loading them could run code); save plain "
+            "numeric arrays"
+        )
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if info.file_size != header_end + nbytes:
+        raise DeadNeuronError(
+            f"{path}: {name} declares shape {shape} ({nbytes:,} bytes) but holds {info.file_size - header_end:,} "
+            f"bytes; the file is damaged; expected {NPZ_EXPECTED}"
+        )
+    if info.compress_type == zipfile.ZIP_STORED:
+        offset = info.header_offset + _local_header_size(path, info) + header_end
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+    rows = int(shape[0]) if shape else 1
+    take = rows if samples is None or fortran or not shape else min(rows, max(samples, 0))
+    size = nbytes // rows * take if rows else 0
+    if size > NPZ_COMPRESSED_LIMIT:
+        raise DeadNeuronError(
+            f"{path}: {name} is compressed and would take {size:,} bytes of memory to decompress, more than "
+            f"{NPZ_COMPRESSED_LIMIT:,}; save it uncompressed (numpy.savez, not savez_compressed) or as a .npy, "
+            "which are read batch by batch, or pass --samples N to read fewer samples"
+        )
+    out = np.empty(size // dtype.itemsize, dtype=dtype)
+    with archive.open(info) as member:
+        member.read(header_end)
+        fill(member, out.view(np.uint8).data, what=f"{path}: {name}")
+    return out.reshape((take, *shape[1:]) if shape else (), order="F" if fortran else "C")
 
 
 def _local_header_size(path: str, info: zipfile.ZipInfo) -> int:
@@ -67,30 +116,28 @@ def _local_header_size(path: str, info: zipfile.ZipInfo) -> int:
     return 30 + name_length + extra_length
 
 
-def load_data_file(path: str | os.PathLike[str]) -> Dataset:
-    """Open a `.npz` (x, optional y) or `.npy` (x) data file without reading it into memory."""
+def load_data_file(path: str | os.PathLike[str], samples: int | None = None) -> Dataset:
+    """Open a `.npz` (x, optional y) or `.npy` (x) data file without reading it into memory (a compressed .npz
+    member is decompressed, its first `samples` rows when given, up to NPZ_COMPRESSED_LIMIT bytes)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise DeadNeuronError(f"data file not found: {path}; expected a .npz with key 'x' (optional 'y') or a .npy")
     suffix = os.path.splitext(path)[1].lower()
+    if suffix not in (".npy", ".npz"):
+        raise DeadNeuronError(
+            f"unknown data format {suffix or '(no extension)'!r} for {path}; expected .npz (x, optional y) or .npy"
+        )
+    if os.path.isdir(path):
+        raise DeadNeuronError(f"{path} is a folder; expected a .npz or .npy data file")
+    from .filekind import check
+
+    check(path, suffix, role="data")
     try:
         if suffix == ".npy":
             x = np.load(path, mmap_mode="r", allow_pickle=False)
             y = None
-        elif suffix == ".npz":
-            with np.load(path, allow_pickle=False) as archive:
-                keys = list(archive.files)
-            if "x" not in keys:
-                raise DeadNeuronError(
-                    f"{path} has no array named 'x' (it has: {', '.join(keys) or 'none'}); save the inputs as "
-                    "numpy.savez(path, x=inputs, y=labels)"
-                )
-            x = _open_npz_member(path, "x")
-            y = _open_npz_member(path, "y") if "y" in keys else None
         else:
-            raise DeadNeuronError(
-                f"unknown data format {suffix or '(no extension)'!r} for {path}; expected .npz (x, optional y) or .npy"
-            )
+            x, y = _npz_arrays(path, samples)
     except DeadNeuronError:
         raise
     except ValueError as error:

@@ -233,11 +233,91 @@ def pt2_cases(folder: Path, bombs: bool) -> list[Case]:
     return cases
 
 
+# data and Keras files --------------------------------------------------------------------------------------------
+SAMPLES = Path(__file__).resolve().parents[1] / "deadneuron" / "samples"
+
+
+def npz_member(archive: zipfile.ZipFile, name: str, shape: tuple[int, ...], body: int | bytes) -> None:
+    """A deflated .npy member declaring float32 `shape`; `body` is its data, or a byte count of zeros."""
+    import numpy as np
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    info = zipfile.ZipInfo(name)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    with archive.open(info, "w", force_zip64=True) as member:
+        member.write(header.getvalue())
+        if isinstance(body, bytes):
+            member.write(body)
+            return
+        chunk = b"\0" * (1 << 20)
+        while body > 0:
+            member.write(chunk[: min(body, len(chunk))])
+            body -= len(chunk)
+
+
+def data_cases(folder: Path, bombs: bool) -> list[Case]:
+    import numpy as np
+
+    marker = folder / MARKER
+    model = str(SAMPLES / "digits_cnn.pt2")
+    cases = []
+    noise = folder / "noise.npz"
+    noise.write_bytes(bytes(range(256)) * 4)
+    cases.append(Case("random bytes named .npz", Path(model), ["scan", "--data", str(noise)],
+                      message="is not a numpy .npz archive"))
+    pickled = folder / "objects.npz"
+    np.savez(pickled, x=np.array([Payload(marker)], dtype=object))
+    cases.append(Case(".npz with a pickle payload", Path(model), ["scan", "--data", str(pickled)],
+                      message="Python objects"))
+    huge = folder / "huge_shape.npz"
+    with zipfile.ZipFile(huge, "w") as archive:
+        npz_member(archive, "x.npy", (10**12, 1, 8, 8), b"\0" * 1024)
+    cases.append(Case(".npz declaring a huge shape", Path(model), ["scan", "--data", str(huge)],
+                      message="declares shape"))
+    if bombs:
+        bomb = folder / "bomb.npz"
+        rows = BOMB_BYTES // (64 * 4)
+        with zipfile.ZipFile(bomb, "w") as archive:
+            npz_member(archive, "x.npy", (rows, 1, 8, 8), BOMB_BYTES)
+        baseline = ["scan", model, "--data", str(SAMPLES / "digits_heldout.npz")]
+        cases.append(Case("zip bomb: .npz", Path(model), ["scan", "--data", str(bomb)], message="compressed",
+                          bomb=True, baseline=baseline))
+        cases.append(Case("zip bomb: .npz with --samples 64", Path(model),
+                          ["scan", "--data", str(bomb), "--samples", "64"], expect=0, bomb=True, baseline=baseline))
+    return cases
+
+
+def keras_cases(folder: Path, bombs: bool) -> list[Case]:
+    good = SAMPLES / "digits_cnn.keras"
+    scan = ["scan", "--samples", "4"]
+    garbage = folder / "garbage.keras"
+    garbage.write_bytes(b"\x00junk")
+    renamed = folder / "keras_archive.pt2"
+    shutil.copyfile(good, renamed)
+    cases = [
+        Case("5-byte garbage .keras", garbage, scan, message="is not a Keras archive"),
+        Case(".keras renamed .pt2", renamed, scan, message="is a Keras archive"),
+        Case("duplicate config.json in .keras",
+             rewrite(good, folder / "duplicate.keras", lambda n, d: [d, d] if n == "config.json" else d), scan,
+             message="appears twice"),
+    ]
+    if bombs:
+        baseline = ["scan", str(good), "--samples", "4"]
+        config = zipfile.ZipFile(good).read("config.json")
+        for member, head, label in (("config.json", config, "config.json"), ("model.weights.h5", b"", "weights")):
+            path = rewrite(good, folder / f"bomb_{label}.keras", lambda n, d, m=member: None if n == m else d,
+                           add=[(member, ("bomb", b" " if head else b"\0", head))])
+            cases.append(Case(f"zip bomb: .keras {label}", path, scan, message="expands to", bomb=True,
+                              baseline=baseline))
+    return cases
+
+
 def build(folder: Path, *, bombs: bool = True) -> list[Case]:
     """Every case, its files written into `folder`; `bombs=False` leaves out the zip bombs (slow to write)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / VICTIM).write_bytes(VICTIM_TEXT)
-    return pt2_cases(folder, bombs)
+    return pt2_cases(folder, bombs) + data_cases(folder, bombs) + keras_cases(folder, bombs)
 
 
 # a report on the current checkout ---------------------------------------------------------------------------------

@@ -50,6 +50,8 @@ def load_model(
         )
     if not os.path.isfile(path):
         raise DeadNeuronError(f"Keras model file not found: {path}; expected an existing {suffix} file")
+    if suffix == ".keras":
+        check_archive(path)
     with tempfile.TemporaryDirectory(prefix="deadneuron-") as scratch:
         try:
             readable = _with_input_layer(path, scratch) if suffix != ".keras" else path
@@ -63,6 +65,31 @@ def load_model(
             f"{path} holds a {type(model).__name__}, not a Keras model; expected a saved model"
         )
     return model
+
+
+# A .keras archive's JSON is parsed whole, and a compressed member is inflated whole: caps fixed before reading.
+JSON_LIMIT = {"config.json": 16 << 20, "metadata.json": 1 << 20}
+INFLATE_LIMIT = 64 << 20  # a compressed member may expand beyond this only at a plausible ratio
+INFLATE_RATIO = 100
+
+
+def check_archive(path: str) -> None:
+    """Refuse a `.keras` zip that two readers could read differently or that expands far beyond its size: one
+    pass over its central directory (deadneuron.archive), before Keras opens it."""
+    from ..archive import open_zip
+
+    expected = "a .keras archive written by model.save"
+    with open_zip(path, what=path, kind="a Keras archive", expected=expected) as archive:
+        for info in archive.infolist():
+            limit = JSON_LIMIT.get(info.filename)
+            if info.compress_type != zipfile.ZIP_STORED:
+                limit = min(limit or INFLATE_LIMIT, max(INFLATE_LIMIT, INFLATE_RATIO * info.compress_size))
+            if limit is not None and info.file_size > limit:
+                raise DeadNeuronError(
+                    f"{path}: the member {info.filename} expands to {info.file_size:,} bytes, more than the "
+                    f"{limit:,} it may hold; refused (a small file that expands to this much is a zip bomb or a "
+                    f"damaged file); expected {expected}"
+                )
 
 
 def _with_input_layer(path: str, scratch: str) -> str:
