@@ -8,9 +8,14 @@ Checks, on the first CUDA device:
 3. `deadneuron.compare` and a few `DeadNeuronMonitor` steps run on the GPU model.
 4. Timing (CUDA events, median of interleaved rounds) on 16M float32: SineReLU against torch.relu and the naive
    `where` composition, forward and forward+backward.
+5. The training-step ratio (issue 15): benchmarks/train_step.py's LeNet-5 step, ReLU against `deadneuron.swap`'s
+   SineReLU, default settings, batch 32 and 128: in PyTorch on the device (CUDA events; the median of the per-round
+   ratios and their interquartile range), and in Keras in a child process (`train_on_batch`, Keras's default
+   `jit_compile="auto"`, which turns XLA on where TensorFlow sees a GPU, and `jit_compile=False`; TensorFlow picks
+   the GPU itself when its build has CUDA; the summary says which device it used).
 
     python benchmarks/cuda_check.py              # prints a JSON summary; also written to $OUT/cuda_check.json
-    python benchmarks/cuda_check.py --device cpu # checks 1-3 on the CPU: a dry run of the script itself
+    python benchmarks/cuda_check.py --device cpu # checks 1-3 and 5 (3 rounds) on the CPU: a dry run of the script
 
 Exits 0 with {"cuda": false} where there is no GPU; exits 1 when a check fails (the summary says which).
 """
@@ -20,7 +25,9 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +37,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from train_step import torch_lenet5, torch_step  # noqa: E402
 
 import deadneuron  # noqa: E402
 from deadneuron import sinerelu_reference  # noqa: E402
@@ -111,20 +121,35 @@ def check_compare_and_monitor(device: torch.device) -> dict[str, object]:
     return {"compare_dead_after": comparison.after.dead, "monitor_sites": list(monitored)}
 
 
-def time_ms(steps: dict[str, Callable[[], object]], rounds: int = 21) -> dict[str, float]:
+def time_samples(
+    steps: dict[str, Callable[[], object]], rounds: int = 21, device: torch.device | None = None
+) -> dict[str, list[float]]:
+    """Milliseconds per round of each step, interleaved: CUDA events on a GPU, the wall clock on the CPU."""
+    cuda = device is None or device.type == "cuda"
     samples: dict[str, list[float]] = {name: [] for name in steps}
     for step in steps.values():
-        step()
-    torch.cuda.synchronize()
+        for _ in range(3):
+            step()
+    if cuda:
+        torch.cuda.synchronize()
     for _ in range(rounds):
         for name, step in steps.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            samples[name].append(start.elapsed_time(end))
-    return {name: statistics.median(values) for name, values in samples.items()}
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                end.synchronize()
+                samples[name].append(start.elapsed_time(end))
+            else:
+                begin = time.perf_counter()
+                step()
+                samples[name].append((time.perf_counter() - begin) * 1e3)
+    return samples
+
+
+def time_ms(steps: dict[str, Callable[[], object]], rounds: int = 21) -> dict[str, float]:
+    return {name: statistics.median(values) for name, values in time_samples(steps, rounds).items()}
 
 
 def timing(device: torch.device) -> dict[str, float]:
@@ -156,6 +181,44 @@ def timing(device: torch.device) -> dict[str, float]:
     return result
 
 
+def ratio_summary(samples: dict[str, list[float]], name: str, base: str) -> dict[str, float]:
+    """Median step times and the median (with quartiles) of the per-round ratio name/base."""
+    ratios = np.array(samples[name]) / np.array(samples[base])
+    q1, median, q3 = np.percentile(ratios, [25, 50, 75])
+    return {
+        f"{base} ms": round(statistics.median(samples[base]), 4),
+        f"{name} ms": round(statistics.median(samples[name]), 4),
+        f"{name}/{base}": round(float(median), 3), f"{name}/{base} IQR": [round(float(q1), 3), round(float(q3), 3)],
+    }
+
+
+def train_step_ratio(device: torch.device, rounds: int) -> dict[str, object]:
+    """LeNet-5 training step, ReLU against SineReLU by default, in PyTorch on `device`, then Keras in a child."""
+    result: dict[str, object] = {}
+    for batch in (32, 128):
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, 1, 28, 28, generator=generator).to(device)
+        y = torch.randint(0, 10, (batch,), generator=generator).to(device)
+        torch.manual_seed(0)
+        relu = torch_lenet5().to(device)
+        swapped = deadneuron.swap(relu)
+        samples = time_samples({"relu": torch_step(relu, x, y), "sinerelu": torch_step(swapped, x, y)}, rounds, device)
+        result[f"torch batch {batch}"] = ratio_summary(samples, "sinerelu", "relu")
+    # Keras: its own process (TensorFlow and torch sharing a GPU's memory in one process is asking for trouble).
+    command = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--framework", "keras", "--rounds",
+               str(rounds), "--keras-jit", "auto", "False"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": "tensorflow"}
+    if device.type == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the dry run stays on the CPU in both frameworks
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=420)
+        result["keras"] = done.stdout.splitlines() if done.returncode == 0 else {
+            "error": f"exit code {done.returncode}", "stderr": done.stderr[-3000:]}
+    except (OSError, subprocess.TimeoutExpired) as error:
+        result["keras"] = {"error": f"{type(error).__name__}: {error}"}
+    return result
+
+
 def main() -> int:
     # `--device cpu` runs checks 1-3 on the CPU: a dry run of this script where there is no GPU.
     on_cpu = sys.argv[1:] == ["--device", "cpu"]
@@ -169,6 +232,7 @@ def main() -> int:
         }
         if not on_cpu:
             checks["timing"] = timing
+        checks["train_step"] = lambda device: train_step_ratio(device, 3 if on_cpu else 41)
         for name, check in checks.items():
             try:
                 summary[name] = {"ok": True, "result": check(device)}

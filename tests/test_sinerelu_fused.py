@@ -37,11 +37,20 @@ def long_grid(dtype: torch.dtype, epsilon: float) -> torch.Tensor:
     return base.repeat(n // base.numel() + 1)[:n].contiguous()
 
 
+# Each case runs ~1M elements through three paths and the float64 reference (1-3 s here): one quick case runs by
+# default, the whole matrix with the slow tests.
+CASES = [
+    pytest.param(epsilon, form, dtype, threads, marks=() if (epsilon, dtype, threads) == (0.025, torch.float32, 2)
+                 else pytest.mark.slow)
+    for epsilon in (0.0025, 0.025, 0.5)
+    for form in ("piecewise", "max")
+    for dtype in (torch.float32, torch.float64)
+    for threads in (1, 2, 3)
+]
+
+
 @built
-@pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("form", ["piecewise", "max"])
-@pytest.mark.parametrize("epsilon", [0.0025, 0.025, 0.5])
+@pytest.mark.parametrize(("epsilon", "form", "dtype", "threads"), CASES)
 def test_fused_loops_match_the_reference_and_the_eager_path(epsilon, form, dtype, threads):
     x = long_grid(dtype, epsilon)
     z = x.double().numpy()
@@ -117,6 +126,7 @@ def _lenet_like() -> torch.nn.Module:
     )
 
 
+@pytest.mark.slow  # dynamo tracing and aot_eager: ~7 s here
 def test_torch_compile_sees_one_graph_with_no_break():
     import torch._dynamo
 

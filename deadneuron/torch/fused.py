@@ -26,11 +26,13 @@ try:
 except ImportError:  # built without a C compiler, or a platform the build did not support
     _fused = None
 
-__all__ = ["available", "backward", "forward"]
+__all__ = ["available", "backward", "forward", "run_backward", "run_forward", "takes"]
 
-# Below this many elements one thread does the whole call: starting and joining a thread costs ~20-30 us here, as
-# much as the loop on ~40K float32 elements, and the other core is often busy.
-PARALLEL_MIN = 1 << 18
+# Below this many elements (4 MiB of float32) one thread does the whole call. Starting and joining a thread costs
+# ~20 us on a quiet core and far more when the cores are busy (DataLoader workers, other processes): on this shared
+# 2-core machine two threads were slower than one at every size up to 600K elements. From 1M elements up each thread
+# has >= ~0.25 ms of work, and at 16M the threads also share the first-touch page faults of the output.
+PARALLEL_MIN = 1 << 20
 _DTYPES = (torch.float32, torch.float64)
 
 
@@ -39,16 +41,10 @@ def available() -> bool:
     return _fused is not None
 
 
-def _usable(src: Tensor, *others: Tensor) -> bool:
+def takes(x: Tensor) -> bool:
+    """Whether the loops can take `x` as it is: a contiguous CPU float32/float64 tensor, outside `suspended()`."""
     # Cheap checks only: this runs on every call, small tensors included (`is_cpu`, not `device.type`).
-    if _fused is None or not src.is_cpu or src.dtype not in _DTYPES or kernels.is_suspended():
-        return False
-    if not src.is_contiguous():
-        return False
-    for t in others:
-        if t.dtype != src.dtype or not t.is_cpu or not t.is_contiguous() or t.numel() != src.numel():
-            return False
-    return True
+    return _fused is not None and x.is_cpu and x.dtype in _DTYPES and x.is_contiguous() and not kernels.is_suspended()
 
 
 def _threads(n: int) -> int:
@@ -57,20 +53,34 @@ def _threads(n: int) -> int:
 
 def forward(src: Tensor, dst: Tensor, k: float, form: str) -> bool:
     """dst = SineReLU(src) (`k` = epsilon*sqrt(2); dst may be src); False, doing nothing, when it does not apply."""
-    if not _usable(src, dst):
+    if not (takes(src) and _like(dst, src)):
         return False
-    n = src.numel()
-    _fused.forward(src.data_ptr(), dst.data_ptr(), n, k, src.dtype == torch.float64, form == "max", _threads(n))
+    run_forward(src, dst, k, form)
     return True
 
 
 def backward(src: Tensor, grad: Tensor, dst: Tensor, k: float, crossing: float, form: str) -> bool:
     """dst = grad * SineReLU'(src), the linear branch starting at `crossing`; False when it does not apply."""
-    if not _usable(src, grad, dst):
+    if not (takes(src) and _like(grad, src) and _like(dst, src)):
         return False
+    run_backward(src, grad, dst, k, crossing, form)
+    return True
+
+
+def _like(t: Tensor, src: Tensor) -> bool:
+    return t.dtype == src.dtype and t.is_cpu and t.is_contiguous() and t.numel() == src.numel()
+
+
+def run_forward(src: Tensor, dst: Tensor, k: float, form: str) -> None:
+    """`forward` for tensors already known to qualify (`takes(src)`, dst contiguous, same dtype and size)."""
+    n = src.numel()
+    _fused.forward(src.data_ptr(), dst.data_ptr(), n, k, src.dtype == torch.float64, form == "max", _threads(n))
+
+
+def run_backward(src: Tensor, grad: Tensor, dst: Tensor, k: float, crossing: float, form: str) -> None:
+    """`backward` for tensors already known to qualify."""
     n = src.numel()
     _fused.backward(
         src.data_ptr(), grad.data_ptr(), dst.data_ptr(), n, k, crossing, src.dtype == torch.float64, form == "max",
         _threads(n),
     )
-    return True

@@ -281,10 +281,10 @@ def _backward_chunks(
 def _forward(x: Tensor, epsilon: float, form: str) -> Tensor:
     # The common case first, in the fewest Python steps (small tensors are many); compiled kernels, when asked for,
     # come first in _forward_flat.
-    if not kernels.built_any() and x.is_contiguous():
+    if fused.takes(x) and not kernels.built_any():
         out = torch.empty_like(x)
-        if fused.forward(x, out, epsilon * _SQRT2, form):
-            return out
+        fused.run_forward(x, out, epsilon * _SQRT2, form)
+        return out
     perm = _memory_order(x)
     if perm is None:
         x = x.contiguous()
@@ -308,9 +308,10 @@ def _forward_inplace(x: Tensor, epsilon: float, form: str) -> None:
 
 
 def _backward(x: Tensor, grad: Tensor, epsilon: float, form: str) -> Tensor:
-    if form == "piecewise" and not kernels.built_any() and x.is_contiguous() and grad.is_contiguous():  # as _forward
-        grad_input = torch.empty_like(x, dtype=grad.dtype)
-        if fused.backward(x, grad, grad_input, epsilon * _SQRT2, 0.0, form):
+    if form == "piecewise" and fused.takes(x) and grad.dtype == x.dtype and grad.is_contiguous():  # as _forward
+        if not kernels.built_any():
+            grad_input = torch.empty_like(x)
+            fused.run_backward(x, grad, grad_input, epsilon * _SQRT2, 0.0, form)
             return grad_input
     perm = _memory_order(x)
     if perm is None:
