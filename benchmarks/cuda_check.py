@@ -43,7 +43,7 @@ from train_step import torch_lenet5, torch_step  # noqa: E402
 
 import deadneuron  # noqa: E402
 from deadneuron import sinerelu_reference  # noqa: E402
-from deadneuron.reference import sinerelu_grad_reference  # noqa: E402
+from deadneuron.core.sinerelu import sinerelu_grad_reference  # noqa: E402
 from deadneuron.torch import DeadNeuronMonitor, sinerelu  # noqa: E402
 from tests import torch_zoo  # noqa: E402
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .core.sinerelu import sinerelu_reference
 from .errors import DeadNeuronError
-from .reference import sinerelu_reference
 
 __version__ = "0.1.0"
 __all__ = [

@@ -6,16 +6,18 @@ A framework is looked up in `sys.modules`, never imported just to test a type.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from .core import engine
+from .core.compare import compare as compare_with
+from .core.options import ScanOptions, SwapOptions, TuneOptions, scan_options
 from .errors import DeadNeuronError
 
 if TYPE_CHECKING:
+    from .core.engine import Backend
     from .report import Comparison, Report, SiteInfo
 
 Progress = Callable[[int], None]
@@ -54,11 +56,16 @@ def framework_of_path(path: str | os.PathLike[str]) -> str:
     )
 
 
-def adapter(framework: str) -> ModuleType:
-    """The adapter module of a framework; importing it imports the framework."""
-    name = {"torch": "deadneuron.torch.adapter", "keras": "deadneuron.keras.adapter"}[framework]
+def backend(framework: str) -> Backend:
+    """The scan engine's backend for a framework; importing it imports the framework."""
     try:
-        return importlib.import_module(name)
+        if framework == "keras":
+            from .keras.backend import BACKEND as keras_backend
+
+            return keras_backend
+        from .torch.backend import BACKEND as torch_backend
+
+        return torch_backend
     except ImportError as error:
         if error.name in ("torch", "tensorflow", "keras"):
             extra = "torch" if framework == "torch" else "tensorflow"
@@ -85,9 +92,8 @@ def load_model(
     from .filekind import check
 
     check(path, os.path.splitext(path)[1])  # the content matches the name, told before a framework is imported
-    return adapter(framework).load_model(
-        path, arch=arch, unsafe_pickle=unsafe_pickle, unsafe_deserialization=unsafe_deserialization
-    )
+    load = backend(framework).load_model
+    return load(path, arch=arch, unsafe_pickle=unsafe_pickle, unsafe_deserialization=unsafe_deserialization)
 
 
 def scan(
@@ -112,48 +118,44 @@ def scan(
     a path to a `.npz`/`.npy`. Without data, `samples` standard-normal inputs are drawn from the model's input
     spec (or `input_shape`, one sample's shape).
     """
-    check_scan_options(loss, atol, gtol)
-    framework = framework_of(model)
-    return adapter(framework).scan(
-        model,
-        data,
-        batch_size=batch_size,
-        labels=labels,
-        loss=loss,
-        atol=atol,
-        gtol=gtol,
-        unit_axis=unit_axis,
-        samples=samples,
-        input_shape=input_shape,
-        seed=seed,
-        progress=progress,
-        name=name,
+    options = scan_options(
+        batch_size=batch_size, loss=loss, atol=atol, gtol=gtol, unit_axis=unit_axis, samples=samples,
+        input_shape=input_shape, seed=seed,
     )
+    return scan_with(model, data, options, labels=labels, progress=progress, name=name)
 
 
-def check_scan_options(loss: str, atol: float, gtol: float) -> None:
-    if loss not in LOSSES:
-        raise DeadNeuronError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
-    if atol < 0 or gtol < 0:
-        raise DeadNeuronError(f"thresholds must be >= 0, received atol={atol}, gtol={gtol}")
+def scan_with(
+    model: Any,
+    data: Any,
+    options: ScanOptions,
+    *,
+    labels: Any = None,
+    progress: Progress | None = None,
+    name: str | None = None,
+) -> Report:
+    """`scan` with its options already checked (`deadneuron.core.options.ScanOptions`)."""
+    return engine.scan(backend(framework_of(model)), model, data, options, labels=labels, progress=progress, name=name)
+
+
+def scan_ranks(
+    model: Any, data: Any, options: ScanOptions, *, progress: Progress | None = None, name: str | None = None
+) -> Report:
+    """`scan` in every process torchrun started, each on its shard of the samples; every rank gets the report of
+    one process (`deadneuron.torch.distributed`). `data` is a `deadneuron.data.Dataset` or None."""
+    if framework_of(model) != "torch":
+        raise DeadNeuronError(
+            "torchrun shards PyTorch scans; this is a Keras model: scan it in one process (python -m deadneuron "
+            "scan ...), or in training with deadneuron.keras.DeadNeuronCallback under a tf.distribute strategy"
+        )
+    from .torch.distributed import scan as scan_sharded
+
+    return scan_sharded(model, data, options, progress=progress, name=name)
 
 
 def inspect(model: Any, *, input_shape: Sequence[int] | None = None) -> list[SiteInfo]:
     """The activation sites of `model` in order of first execution (one forward pass on random inputs)."""
-    return adapter(framework_of(model)).inspect(model, input_shape=input_shape)
-
-
-LOSSES = ("auto", "ce", "mse", "probe", "none")
-
-
-def _swap_module(framework: str) -> ModuleType:
-    adapter(framework)  # the friendly message when the framework is missing
-    return importlib.import_module(f"deadneuron.{framework}.swap")
-
-
-def _compare_module(framework: str) -> ModuleType:
-    adapter(framework)
-    return importlib.import_module(f"deadneuron.{framework}.compare")
+    return engine.inspect(backend(framework_of(model)), model, input_shape)
 
 
 def swap(
@@ -174,17 +176,10 @@ def swap(
     `ExportedProgram` as an `ExportedProgram` that runs without deadneuron; a Keras model as a Keras model of the
     same kind.
     """
-    from .options import check_to
-
-    check_to(to)
-    return _swap_module(framework_of(model)).swap(
-        model,
-        epsilon=epsilon,
-        epsilon_conv=epsilon_conv,
-        epsilon_dense=epsilon_dense,
-        form=form,
-        include=include,
+    options = SwapOptions.make(
+        to=to, epsilon=epsilon, epsilon_conv=epsilon_conv, epsilon_dense=epsilon_dense, form=form, include=include
     )
+    return backend(framework_of(model)).swap(model, options)
 
 
 STATE_DICT_SWAP = (
@@ -214,10 +209,10 @@ def swap_file(
     when `output_path` says so) that loads once `deadneuron.keras` is imported. A state dict is refused with
     the one line that swaps in code (its weights would not change). The input file is never modified.
     """
-    from .options import check_to, resolve_epsilons
-
-    check_to(to)
-    epsilons = resolve_epsilons(epsilon, epsilon_conv, epsilon_dense)
+    options = SwapOptions.make(
+        to=to, epsilon=epsilon, epsilon_conv=epsilon_conv, epsilon_dense=epsilon_dense, form=form, include=include
+    )
+    epsilons = options.epsilons
     source, target = os.fspath(model_path), os.fspath(output_path)
     framework = framework_of_path(source)
     suffix = os.path.splitext(source)[1].lower()
@@ -235,7 +230,7 @@ def swap_file(
     if os.path.exists(source) and os.path.exists(target) and os.path.samefile(source, target):
         raise DeadNeuronError(f"{target} is the input file; choose another path (the input is never modified)")
     model = load_model(source, arch=arch, unsafe_pickle=unsafe_pickle, unsafe_deserialization=unsafe_deserialization)
-    count = _swap_module(framework).swap_file(model, target, epsilons=epsilons, form=form, include=include)
+    count = backend(framework).swap_file(model, target, options)
     if count == 0:
         return f"wrote {target}: no ReLU site found in {source}, so the copy computes the same as the input"
     return (
@@ -275,80 +270,15 @@ def compare(
     in data order, cycling over the data; `revival` then counts the formerly dead units (dead under ReLU
     before training) that are no longer dormant after training, for each model.
     """
-    from .options import check_to, resolve_epsilons
-    from .report import Comparison
-
-    check_to(to)
-    epsilons = resolve_epsilons(epsilon, epsilon_conv, epsilon_dense)
-    if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0:
-        raise DeadNeuronError(f"finetune_steps must be an integer >= 0, received {finetune_steps!r}")
-    if finetune_steps and not (isinstance(lr, (int, float)) and lr > 0):
-        raise DeadNeuronError(f"the learning rate must be > 0, received {lr!r}")
-    if loss not in LOSSES:
-        raise DeadNeuronError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
-    if finetune_steps and loss in ("probe", "none"):
-        raise DeadNeuronError(
-            f"fine-tuning trains on the task loss; received loss={loss!r}; use loss='auto', 'ce' or 'mse' with labels"
-        )
-    _check_reiterable(data)
-    framework = framework_of(model)
-    glue = _compare_module(framework)
-    swapped = glue.scannable_swap(model, epsilons=epsilons, form=form)
-    shape = glue.sample_shape(model, input_shape)
-    common = dict(batch_size=batch_size, labels=labels, samples=samples, input_shape=shape, seed=seed)
-    scan_options = dict(common, loss=loss, atol=atol, gtol=gtol, unit_axis=unit_axis)
-    display = name or _display_name(model)
-    before = scan(model, data, **scan_options, progress=progress, name=display)
-    after = scan(swapped, data, **scan_options, progress=progress, name=f"{display} ({to})")
-    agreement, drift = glue.predictions(model, swapped, data, **common)
-    revival = None
-    if finetune_steps:
-        trained_relu, trained_swap = glue.finetune(
-            model, swapped, data, steps=finetune_steps, lr=float(lr), loss=loss, **common
-        )
-        relu_after = scan(trained_relu, data, **scan_options, name=display)
-        swap_after = scan(trained_swap, data, **scan_options, name=display)
-        revival = {
-            "steps": finetune_steps,
-            "lr": float(lr),
-            "optimizer": "adam",
-            "batch_size": batch_size,
-            "formerly_dead": before.dead,
-            "revived_relu": _revived(before, relu_after),
-            "revived_sinerelu": _revived(before, swap_after),
-        }
-    return Comparison.build(
-        to=to,
-        epsilon=epsilons,
-        before=before,
-        after=after,
-        agreement=agreement,
-        output_drift=drift,
-        revival=revival,
+    scanning = scan_options(
+        batch_size=batch_size, loss=loss, atol=atol, gtol=gtol, unit_axis=unit_axis, samples=samples,
+        input_shape=input_shape, seed=seed,
     )
-
-
-def _display_name(model: Any) -> str:
-    return "ExportedProgram" if type(model).__name__ == "ExportedProgram" else type(model).__name__
-
-
-def _revived(before: Report, trained: Report) -> int:
-    """Units dead in `before` that are not dormant in `trained` (paired by site order and unit index)."""
-    count = 0
-    for old, new in zip(before.layers, trained.layers, strict=False):
-        if old.units != new.units:
-            continue
-        count += len(set(old.dead_units) - set(new.dormant_units))
-    return count
-
-
-def _check_reiterable(data: Any) -> None:
-    """compare reads the data several times: a one-shot iterator (a generator) is empty the second time."""
-    from collections.abc import Iterator
-
-    if isinstance(data, Iterator):
-        raise DeadNeuronError(
-            f"compare reads the data several times, but a {type(data).__name__} can be read once; expected "
-            "an "
-            "array, a tensor, a path, or a re-iterable loader (a list of batches, a DataLoader)"
-        )
+    swapping = SwapOptions.make(
+        to=to, epsilon=epsilon, epsilon_conv=epsilon_conv, epsilon_dense=epsilon_dense, form=form
+    )
+    tuning = TuneOptions(finetune_steps, lr)
+    return compare_with(  # type: ignore[no-any-return]
+        backend(framework_of(model)), model, data, scanning, swapping, tuning, labels=labels, progress=progress,
+        name=name,
+    )

@@ -201,6 +201,7 @@ def scan(
 ) -> None:
     """Scan a saved model: dead, dormant and gradient-dead units per activation site."""
     from . import api
+    from .core.options import scan_options
 
     _check_fail_over(fail_over)
     _check_outputs(json, html)
@@ -209,24 +210,17 @@ def scan(
     ranks = _torchrun_world()
     loaded = _load(model, arch, unsafe_pickle, unsafe_deserialization)
     total = len(dataset) if dataset is not None else samples
-    options: dict[str, Any] = dict(
-        batch_size=batch_size,
-        loss=loss,
-        atol=atol,
-        gtol=gtol,
-        unit_axis=unit_axis,
-        samples=samples,
-        input_shape=shape,
-        seed=seed,
-        name=model.name,
+    options = scan_options(
+        batch_size=batch_size, loss=loss, atol=atol, gtol=gtol, unit_axis=unit_axis, samples=samples,
+        input_shape=shape, seed=seed,
     )
     primary = True
     with _progress(total, "scanning") as progress:
         if ranks > 1:
-            report = _scan_ranks(loaded, dataset, options, progress)
+            report = api.scan_ranks(loaded, dataset, options, progress=progress, name=model.name)
             primary = os.environ.get("RANK", "0") == "0"
         else:
-            report = api.scan(loaded, dataset, progress=progress, **options)
+            report = api.scan_with(loaded, dataset, options, progress=progress, name=model.name)
     if primary:  # under torchrun, rank 0 alone writes the report
         _write_outputs(report, json, html)
     if fail_over is not None and report.dead_fraction > fail_over:
@@ -247,21 +241,6 @@ def _torchrun_world() -> int:
         raise DeadNeuronError(
             f"WORLD_SIZE={text!r} is not a number; start several processes with torchrun --nproc-per-node K"
         ) from None
-
-
-def _scan_ranks(loaded: Any, dataset: Any, options: dict[str, Any], progress: Any) -> Any:
-    """One report from every torchrun process, each scanning its shard (deadneuron.torch.distributed)."""
-    from . import api
-
-    api.check_scan_options(options["loss"], options["atol"], options["gtol"])
-    if api.framework_of(loaded) != "torch":
-        raise DeadNeuronError(
-            "torchrun shards PyTorch scans; this is a Keras model: scan it in one process (python -m deadneuron "
-            "scan ...), or in training with deadneuron.keras.DeadNeuronCallback under a tf.distribute strategy"
-        )
-    from .torch.distributed import scan as scan_ranks
-
-    return scan_ranks(loaded, dataset, progress=progress, **options)
 
 
 @app.command()

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from deadneuron.report import REPORT_SCHEMA, Report, SiteInfo
+from deadneuron.core.stats import FIELDS, SiteStats
 from deadneuron.report.html import to_html
-from deadneuron.stats import FIELDS, SiteStats
 
 
 def stats_from_activations(pre: np.ndarray, grad: np.ndarray | None, atol: float = 0.0, gtol: float = 0.0) -> SiteStats:

@@ -12,11 +12,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from deadneuron.core import engine  # noqa: E402
+from deadneuron.core.options import ScanOptions  # noqa: E402
+from deadneuron.core.stats import FIELDS  # noqa: E402
 from deadneuron.data import Dataset, shard_bounds  # noqa: E402
-from deadneuron.stats import FIELDS  # noqa: E402
-from deadneuron.torch import adapter  # noqa: E402
 from deadneuron.torch.accumulate import collect  # noqa: E402
-from deadneuron.torch.distributed import _Grid, launched  # noqa: E402
+from deadneuron.torch.backend import BACKEND, TorchBackend  # noqa: E402
+from deadneuron.torch.distributed import Grid, launched  # noqa: E402
 
 from . import torch_zoo as zoo  # noqa: E402
 from .conftest import ROOT  # noqa: E402
@@ -24,17 +26,19 @@ from .conftest import ROOT  # noqa: E402
 
 def _sharded_stats(model, data, *, world, batch_size, samples=None, input_shape=None, seed=0):
     """What the ranks of a torchrun scan compute before the all-reduce, merged on the host."""
-    run = adapter._runnable(model, None)
+    run = BACKEND.prepare(model, None)
     total = len(data) if data is not None else samples
     grid_size = run.static_batch or batch_size
+    shapes = [tuple(input_shape)] if input_shape is not None else []
     merged = None
     for rank in range(world):
         start, stop = shard_bounds(total, rank, world)
-        grid = _Grid(total, grid_size, start, stop, run.static_batch is not None, seed + 1)
+        grid = Grid(total, grid_size, start, stop, run.static_batch is not None, seed + 1)
         kept = []
-        adapter.scan(
-            model, grid.batches(data, input_shape, seed), batch_size=batch_size, input_shape=input_shape,
-            seed=seed, probe=grid.probe, finalize=lambda accs, kept=kept: kept.extend(accs) or accs,
+        engine.scan(
+            TorchBackend(probe=lambda _, grid=grid: grid.probe), model, grid.batches(data, shapes, seed),
+            ScanOptions(batch_size=batch_size, input_shape=input_shape, seed=seed),
+            reduce=lambda accs, kept=kept: kept.extend(accs) or accs,
         )
         stats = [s for _, s in collect(kept)]
         merged = stats if merged is None else [a.merge(b) for a, b in zip(merged, stats, strict=True)]
@@ -43,9 +47,9 @@ def _sharded_stats(model, data, *, world, batch_size, samples=None, input_shape=
 
 def _single_stats(model, data, *, batch_size, samples=None, input_shape=None, seed=0):
     kept = []
-    adapter.scan(
-        model, data, batch_size=batch_size, samples=samples, input_shape=input_shape, seed=seed,
-        finalize=lambda accs: kept.extend(accs) or accs,
+    engine.scan(
+        BACKEND, model, data, ScanOptions(batch_size=batch_size, samples=samples, input_shape=input_shape, seed=seed),
+        reduce=lambda accs: kept.extend(accs) or accs,
     )
     return [s for _, s in collect(kept)]
 

@@ -16,7 +16,7 @@ pytest.importorskip("tensorflow")
 
 import deadneuron  # noqa: E402
 from deadneuron import DeadNeuronError  # noqa: E402
-from deadneuron.keras import adapter  # noqa: E402
+from deadneuron.keras import backend  # noqa: E402
 
 from . import keras_zoo  # noqa: E402
 from .conftest import last_line, run_cli  # noqa: E402
@@ -400,6 +400,6 @@ def test_torch_backend_live_models_in_a_fresh_process(tmp_path):
     }
 
 
-def test_adapter_load_model_refuses_arch(saved):
+def test_backend_load_model_refuses_arch(saved):
     with pytest.raises(DeadNeuronError, match="drop --arch"):
-        adapter.load_model(str(saved / "cnn.keras"), arch="x.py:Net")
+        backend.load_model(str(saved / "cnn.keras"), arch="x.py:Net")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from deadneuron import sinerelu_reference
-from deadneuron.reference import sinerelu_grad_reference
+from deadneuron.core.sinerelu import sinerelu_grad_reference
 from deadneuron.torch import SineReLU, sinerelu
 from deadneuron.torch import fused as fused_module
 from deadneuron.torch.kernels import suspended

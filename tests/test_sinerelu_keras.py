@@ -37,7 +37,7 @@ from deadneuron import DeadNeuronError, sinerelu_reference  # noqa: E402
 from deadneuron.keras import SineReLU, custom_objects, sinerelu  # noqa: E402
 from deadneuron.keras.loading import load_model  # noqa: E402
 from deadneuron.keras.sinerelu import GRAPH_MIN_ELEMENTS, _generic_kernel  # noqa: E402
-from deadneuron.reference import Form, sinerelu_grad_reference  # noqa: E402
+from deadneuron.core.sinerelu import Form, sinerelu_grad_reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EPSILONS = (0.0, 0.0025, 0.025, 0.25, 0.9)  # 0.9: eps*sqrt(2) > 1, the max form's other backward rule
@@ -364,7 +364,7 @@ def test_torch_backend_function_gradient_and_reload(tmp_path: Path) -> None:
         import json, numpy as np, torch, keras
         from deadneuron.keras import sinerelu
         from deadneuron.keras.loading import load_model
-        from deadneuron.reference import sinerelu_reference, sinerelu_grad_reference
+        from deadneuron.core.sinerelu import sinerelu_reference, sinerelu_grad_reference
         assert keras.backend.backend() == "torch"
         z = np.linspace(-10, 10, 4001).astype(np.float32)
         report = {{}}

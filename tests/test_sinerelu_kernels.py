@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from deadneuron import DeadNeuronError, sinerelu_reference
-from deadneuron.reference import sinerelu_grad_reference
+from deadneuron.core.sinerelu import sinerelu_grad_reference
 from deadneuron.torch import clear_kernels, compile_kernels, kernel_status, sinerelu
 from deadneuron.torch import kernels as kernel_module
 from deadneuron.torch.kernels import PIECES, suspended

@@ -15,7 +15,7 @@ from hypothesis.extra.numpy import arrays
 from torch import nn
 
 from deadneuron import DeadNeuronError, sinerelu_reference
-from deadneuron.reference import sinerelu_grad_reference
+from deadneuron.core.sinerelu import sinerelu_grad_reference
 from deadneuron.torch import SineReLU, sinerelu
 
 impl = importlib.import_module("deadneuron.torch.sinerelu")  # the attribute `sinerelu` is the function

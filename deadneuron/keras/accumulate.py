@@ -20,8 +20,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from ..core.stats import SiteStats
 from ..report import SiteInfo
-from ..stats import SiteStats
 
 # Rows of the forward and gradient count variables; sums of 0/1 per batch are exact in float32 below 2**24 samples.
 _FORWARD_ROWS = ("fired", "positive", "nonfinite", "inactive_sum")

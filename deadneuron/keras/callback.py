@@ -1,7 +1,7 @@
 """`DeadNeuronCallback`: scan a probe batch at the end of training epochs and put the figures into Keras `logs`.
 
-A thin wrapper over the Keras scan (`adapter.scan`): every figure is the one a `deadneuron.scan` of the model on the
-probe would give at that moment. Only `on_epoch_end` is overridden: a per-batch hook would switch off Keras's
+A thin wrapper over the scan engine with the Keras backend: every figure is the one a `deadneuron.scan` of the model
+on the probe would give at that moment. Only `on_epoch_end` is overridden: a per-batch hook would switch off Keras's
 asynchronous dispatch. Keys written into `logs` reach only the callbacks listed after this one (History and the
 progress bar always come last), so it must come first in `callbacks=[...]`.
 
@@ -23,12 +23,13 @@ from typing import Any, TypeVar
 
 import keras
 
-from ..api import LOSSES
+from ..core import engine
+from ..core.options import ScanOptions
 from ..core.window import WindowTracker, figures
 from ..errors import DeadNeuronError
 from ..report import Report
 from ..report.history import History
-from .adapter import scan
+from .backend import BACKEND
 
 logger = logging.getLogger("deadneuron.keras")
 
@@ -89,13 +90,7 @@ class DeadNeuronCallback(keras.callbacks.Callback):
             )
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise DeadNeuronError(f"every_n_epochs must be an integer >= 1, received {every_n_epochs!r}")
-        if loss not in LOSSES:
-            raise DeadNeuronError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise DeadNeuronError(f"batch_size must be an integer >= 1, received {batch_size!r}")
-        for option, value in (("atol", atol), ("gtol", gtol)):
-            if not _number(value) or value < 0:
-                raise DeadNeuronError(f"{option} must be a finite number >= 0, received {value!r}")
+        self.options = ScanOptions(batch_size=batch_size, loss=loss, atol=atol, gtol=gtol)  # type: ignore[arg-type]
         if alert is not None and (not _number(alert) or not 0 <= alert < 1):
             raise DeadNeuronError(
                 f"alert is the dead fraction above which to warn; expected a number in [0, 1) or None, received "
@@ -140,15 +135,7 @@ class DeadNeuronCallback(keras.callbacks.Callback):
         if epoch % self.every_n_epochs:
             return
         report = _outside_strategy(
-            lambda: scan(
-                self.model,
-                self.probe,
-                batch_size=self.batch_size,
-                labels=self.labels,
-                loss=self.loss,
-                atol=self.atol,
-                gtol=self.gtol,
-            )
+            lambda: engine.scan(BACKEND, self.model, self.probe, self.options, labels=self.labels)
         )
         self.reports[epoch] = report
         if logs is not None:

@@ -19,48 +19,13 @@ from typing import Any
 
 import keras
 
-from ..errors import DeadNeuronError
-from ..reference import DEFAULT_EPSILON, Form, check_form
+from ..core.sinerelu import DEFAULT_EPSILON, Form, check_epsilon, check_form
+from ..core.sinerelu import max_form_crossing as _max_form_crossing
 
 # sin z - cos z = sqrt(2) sin(z - pi/4) and cos z + sin z = sqrt(2) cos(z - pi/4): one transcendental.
 _SHIFT = math.pi / 4
 
 Kernel = Callable[[Any], Any]
-
-
-def check_epsilon(epsilon: object) -> float:
-    """`epsilon` as a float; DeadNeuronError unless it is a finite number >= 0."""
-    try:
-        value = float(epsilon)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise DeadNeuronError(
-            f"SineReLU epsilon must be a finite number >= 0, received {epsilon!r}; "
-            f"use the default {DEFAULT_EPSILON} or e.g. 0.025 for dense layers"
-        )
-    return value
-
-
-def _max_form_crossing(epsilon: float) -> float | None:
-    """z* <= 0 where eps*(sin z - cos z) = z: below it the max form takes the sine branch, above it z.
-
-    g(z) = eps*(sin z - cos z) - z has g' = eps*sqrt(2)*cos(z - pi/4) - 1 < 0 when eps*sqrt(2) < 1, so the
-    root is unique and the max form's branch is `z < z*`: the backward pass needs no sine to know it. For
-    larger epsilons (None) the backward recomputes the forward's comparison instead.
-    """
-    if epsilon * math.sqrt(2) >= 1:
-        return None
-    if epsilon == 0:
-        return 0.0
-    z = -epsilon  # g(-eps) ~ eps^2 > 0 and g(0) = -eps < 0: Newton from here converges in a few steps
-    for _ in range(50):
-        g = epsilon * (math.sin(z) - math.cos(z)) - z
-        step = g / (epsilon * (math.cos(z) + math.sin(z)) - 1)
-        z -= step
-        if abs(step) <= 1e-17:
-            break
-    return z
 
 
 def _branch_rule(form: str, crossing: float | None) -> str:

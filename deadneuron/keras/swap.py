@@ -19,19 +19,19 @@ when none is before; the conv value when the model has neither).
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import keras
 
+from ..core.options import SwapOptions
+from ..core.sinerelu import Form
+from ..core.swap import nearest, write_then_rename
 from ..errors import DeadNeuronError
-from ..options import check_include, check_to, resolve_epsilons
-from ..reference import Form, check_form
 from .sinerelu import SineReLU
 from .sites import activation_kind, children, layer_kind, operation_kind
 
-__all__ = ["swap", "swap_file"]
+__all__ = ["copy_model", "swap", "swap_file", "swap_model"]
 
 
 def _layer_role(obj: Any) -> str | None:
@@ -72,10 +72,10 @@ def _kind(obj: Any) -> str | None:
 class _Plan:
     """Which objects of the model are swapped, and with which epsilon, decided before anything is copied."""
 
-    def __init__(self, model: Any, epsilons: dict[str, float], form: Form, include: tuple[str, ...]) -> None:
-        self.epsilons = epsilons
-        self.form = form
-        self.include = include
+    def __init__(self, model: Any, options: SwapOptions) -> None:
+        self.options = options
+        epsilons, include = options.epsilons, options.include
+        self.form = options.form
         self.layer_eps: dict[int, float] = {}  # activation layers and operations: replace by a SineReLU layer
         self.fused_eps: dict[int, float] = {}  # layers with a fused activation: activation=SineReLU
         self.order: list[tuple[Any, str | None]] = []
@@ -84,7 +84,7 @@ class _Plan:
         for index, (obj, _) in enumerate(self.order):
             kind = _kind(obj)
             if kind in include:
-                self.layer_eps[id(obj)] = epsilons[_nearest(roles, index)]
+                self.layer_eps[id(obj)] = epsilons[nearest(roles, index)]
                 continue
             fused = (
                 activation_kind(getattr(obj, "activation", None))
@@ -92,7 +92,7 @@ class _Plan:
                 else None
             )
             if fused in include and kind is None:
-                self.fused_eps[id(obj)] = epsilons[_layer_role(obj) or _nearest(roles, index)]
+                self.fused_eps[id(obj)] = epsilons[_layer_role(obj) or nearest(roles, index)]
 
     def _walk(self, obj: Any, seen: set[int]) -> None:
         for child in children(obj):
@@ -111,16 +111,6 @@ class _Plan:
         return SineReLU(epsilon, self.form, name=name) if name else SineReLU(epsilon, self.form)
 
 
-def _nearest(roles: Sequence[str | None], index: int) -> str:
-    for role in reversed(roles[:index]):
-        if role is not None:
-            return role
-    for role in roles[index + 1 :]:
-        if role is not None:
-            return role
-    return "conv"
-
-
 def swap(
     model: Any,
     *,
@@ -132,14 +122,15 @@ def swap(
     include: Sequence[str] | str = ("relu",),
 ) -> Any:
     """A new Keras model with every ReLU site replaced by SineReLU; `model` is left as it was."""
-    check_to(to)
-    plan = _Plan(
-        model,
-        resolve_epsilons(epsilon, epsilon_conv, epsilon_dense),
-        check_form(form),  # type: ignore[arg-type]
-        check_include(include),
+    options = SwapOptions.make(
+        to=to, epsilon=epsilon, epsilon_conv=epsilon_conv, epsilon_dense=epsilon_dense, form=form, include=include
     )
-    return _swap(model, plan)
+    return swap_model(model, options)
+
+
+def swap_model(model: Any, options: SwapOptions) -> Any:
+    """`swap` with its options checked (`SwapOptions`)."""
+    return _swap(model, _Plan(model, options))
 
 
 def _swap(model: Any, plan: _Plan) -> Any:
@@ -180,7 +171,7 @@ def _live(model: Any, plan: _Plan) -> Any:
     the walk, which the copy shares with the original."""
     swapped = _deep_copy(model)
     original = [obj for obj, _ in plan.order]
-    copied = [obj for obj, _ in _Plan(swapped, plan.epsilons, plan.form, plan.include).order]
+    copied = [obj for obj, _ in _Plan(swapped, plan.options).order]
     if len(original) != len(copied):
         raise DeadNeuronError("the copy of the model has another structure than the model; cannot swap it")
     replaced: dict[int, Any] = {}
@@ -250,19 +241,19 @@ def _retrack(parent: Any, old: Any, new: Any) -> None:
                 list.__setitem__(layers, i, new)
 
 
-def swap_file(
-    model: Any, output: str, *, epsilons: dict[str, float], form: Form, include: Sequence[str] | str
-) -> int:
+def swap_file(model: Any, output: str, options: SwapOptions) -> int:
     """Swap a loaded Keras model, save it to `output` (`.keras`, or legacy `.h5`); the sites swapped."""
-    plan = _Plan(model, dict(epsilons), check_form(form), check_include(include))  # type: ignore[arg-type]
+    plan = _Plan(model, options)
     swapped = _swap(model, plan)
-    folder, base = os.path.split(os.path.abspath(output))
-    suffix = os.path.splitext(base)[1]
-    partial = os.path.join(folder, f".{base}.partial{suffix}")
-    try:
-        swapped.save(partial)
-        os.replace(partial, output)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    write_then_rename(swapped.save, output)
     return plan.count
+
+
+def copy_model(model: Any) -> Any:
+    """An independent copy of `model` with its weights: a clone for Sequential/Functional models, a deep copy of
+    a subclassed one."""
+    if _clonable(model):
+        copied = keras.models.clone_model(model, recursive=True)
+        copied.set_weights(model.get_weights())
+        return copied
+    return _deep_copy(model)

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..stats import SiteStats
+from ..core.stats import SiteStats
 from .text import render_text, report_renderables
 
 REPORT_SCHEMA = "deadneuron.report/1"

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.stats import COUNTERS, FIELDS, SiteStats
 from ..report import SiteInfo
-from ..stats import COUNTERS, FIELDS, SiteStats
 from .kinds import NONNEGATIVE, SIGN_PRESERVING
 
 _INF = float("inf")

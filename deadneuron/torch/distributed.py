@@ -20,21 +20,23 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from .. import data as datamod
+from ..core import engine
+from ..core.options import ScanOptions
+from ..core.plan import Shape, random_inputs
+from ..core.stats import COUNTERS, FIELDS
 from ..errors import DeadNeuronError
 from ..report import Report, SiteInfo
-from ..stats import COUNTERS, FIELDS
 from .accumulate import SiteAccumulator
+from .backend import BACKEND, TorchBackend
 
-__all__ = [
-    "all_reduce_accumulators", "all_reduce_sites", "is_distributed", "launched", "process_group", "rank_zero",
-    "scan", "world",
-]
+__all__ = ["all_reduce_sites", "is_distributed", "launched", "process_group", "rank_zero", "scan", "world"]
 
 
 def launched() -> tuple[int, int, int] | None:
@@ -150,29 +152,6 @@ def all_reduce_sites(
     return combined
 
 
-def all_reduce_accumulators(accumulators: Sequence[SiteAccumulator], group: Any = None) -> None:
-    """Sum/max every site's `stats.FIELDS` and sum its `stats.COUNTERS` across ranks, in place.
-
-    Every rank must hold the same sites in the same order (checked: a mismatch is an error, never a silent
-    mix); `all_reduce_sites` matches sites by name instead. Nothing happens without a process group.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) <= 1:
-        return
-    device = _group_device(accumulators, group)
-    layout = torch.tensor(
-        [len(accumulators), sum(acc.info.units for acc in accumulators)], dtype=torch.int64, device=device
-    )
-    low, high = layout.clone(), layout.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
-    if not torch.equal(low, high):
-        raise DeadNeuronError(
-            f"the ranks hold different activation sites (sites, units from {low.tolist()} to {high.tolist()}); "
-            "expected the same model on inputs of the same shape on every rank"
-        )
-    _reduce_in_place(accumulators, device, group)
-
-
 def _reduce_in_place(accumulators: Sequence[SiteAccumulator], device: torch.device, group: Any) -> None:
     """Three collectives for the fields whatever the number of sites (int sums, float sums, float maxima),
     one for the counters, one for the positions; on the tensors' own device (CUDA for NCCL)."""
@@ -202,7 +181,7 @@ def _reduce_in_place(accumulators: Sequence[SiteAccumulator], device: torch.devi
         acc.positions = int(peaks[i])
 
 
-class _Grid:
+class Grid:
     """This rank's block of samples, cut on the single-process batch grid, and the probe that matches it.
 
     The batch iterator records which global batch (and which of its rows) it just yielded; the probe, called
@@ -225,7 +204,7 @@ class _Grid:
             if lo < hi:
                 yield k, lo, hi
 
-    def batches(self, dataset: datamod.Dataset | None, shape: Sequence[int] | None, seed: int) -> Iterator[Any]:
+    def batches(self, dataset: datamod.Dataset | None, shapes: Sequence[Shape], seed: int) -> Iterator[Any]:
         if dataset is not None:
             for k, lo, hi in self.blocks():
                 part = datamod.Dataset(
@@ -235,11 +214,9 @@ class _Grid:
                     self.current = (k, lo - k * self.grid, hi - k * self.grid)
                     yield x if y is None else (x, y)
             return
-        from .batches import _random  # the single-process draw, replayed batch by batch
-
         wanted = {k: (lo, hi) for k, lo, hi in self.blocks()}
         last = max(wanted, default=-1)
-        for k, (x, _) in enumerate(_random(self.total, shape or (), self.grid, seed)):
+        for k, x in enumerate(random_inputs(self.total, shapes, self.grid, seed)):  # the single-process draw
             if k in wanted:
                 lo, hi = wanted[k]
                 self.current = (k, lo - k * self.grid, hi - k * self.grid)
@@ -276,39 +253,25 @@ class _Grid:
 def scan(
     model: Any,
     data: datamod.Dataset | None,
+    options: ScanOptions,
     *,
-    batch_size: int = 64,
-    loss: str = "auto",
-    atol: float = 0.0,
-    gtol: float = 0.0,
-    unit_axis: int | None = None,
-    samples: int | None = None,
-    input_shape: Sequence[int] | None = None,
-    seed: int = 0,
     progress: Callable[[int], None] | None = None,
     name: str | None = None,
 ) -> Report:
-    """The single-process report of `model` on `data` (or `samples` random inputs), computed by every rank of
-    the process group on its block of the samples. Every rank returns the full report; print it on rank 0."""
-    from . import adapter
-
-    if batch_size <= 0:
-        raise DeadNeuronError(f"batch size must be positive, received {batch_size}")
-    run = adapter._runnable(model, name)
-    device, _ = adapter._device_dtype(run.module, run.example_dtype)
+    """The single-process report of `model` on `data` (or `options.samples` random inputs), computed by every rank
+    of the process group on its block of the samples. Every rank returns the full report; print it on rank 0."""
+    run = BACKEND.prepare(model, name)
+    device = run.device
+    shapes: list[Shape] = []
     if data is not None:
-        data = datamod.limit(data, samples)
+        data = datamod.limit(data, options.samples)
         total = len(data)
-        shape = None
     else:
-        if samples is None or samples <= 0:
+        if options.samples is None:
             raise DeadNeuronError("no data: pass --data PATH, or --samples N for N random inputs")
-        total = samples
-        shape = (
-            tuple(input_shape) if input_shape is not None
-            else (run.example_shape or adapter._guess_sample_shape(run.module))
-        )
-        if shape is None:
+        total = options.samples
+        shapes = run.sample_shapes(options.input_shape) or []
+        if not shapes:
             raise DeadNeuronError(
                 "random inputs need the shape of one sample; pass --input-shape (e.g. 3,32,32) or --data"
             )
@@ -319,29 +282,28 @@ def scan(
                 "process: pass more data or start fewer processes"
             )
         start, stop = datamod.shard_bounds(total, rank, world)
-        grid = _Grid(total, run.static_batch or batch_size, start, stop, run.static_batch is not None, seed + 1)
-        failure: BaseException | None = None
-        report: Report | None = None
+        size = run.static_batch or options.batch_size
+        grid = Grid(total, size, start, stop, run.static_batch is not None, options.seed + 1)
 
-        def finalize(accumulators: list[Any]) -> list[Any]:
+        def reduce(accumulators: list[Any]) -> list[Any]:
             _agree(device, failed=False)
-            return all_reduce_sites(accumulators, atol=atol, gtol=gtol)
+            return all_reduce_sites(accumulators, atol=options.atol, gtol=options.gtol)
 
         try:
-            report = adapter.scan(
-                model, grid.batches(data, shape, seed), batch_size=batch_size, loss=loss, atol=atol,
-                gtol=gtol, unit_axis=unit_axis, input_shape=input_shape, seed=seed,
-                progress=progress if rank == 0 else None, name=name, probe=grid.probe, finalize=finalize,
+            return engine.scan(
+                TorchBackend(probe=lambda seed: grid.probe),
+                model,
+                grid.batches(data, shapes, options.seed),
+                replace(options, samples=None),
+                progress=progress if rank == 0 else None,
+                name=name,
+                reduce=reduce,
             )
         except _OtherRankFailed:
             raise
-        except BaseException as error:  # tell the other ranks, then fail here too
-            failure = error
+        except BaseException:  # tell the other ranks, then fail here too
             _agree(device, failed=True)
-        if failure is not None:
-            raise failure
-        assert report is not None
-        return report
+            raise
 
 
 class _OtherRankFailed(DeadNeuronError):

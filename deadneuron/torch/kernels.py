@@ -43,8 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..core.sinerelu import check_form
 from ..errors import DeadNeuronError
-from ..reference import check_form
 from .pool import scratch_vectors
 
 __all__ = ["PIECES", "clear_kernels", "compile_kernels", "kernel_status", "suspended"]

@@ -23,8 +23,6 @@ torch.compile/torch.export a plain composition is traced instead, which the comp
 from __future__ import annotations
 
 import math
-import numbers
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -33,8 +31,10 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
+from ..core.sinerelu import DEFAULT_EPSILON, Form, check_form
+from ..core.sinerelu import check_epsilon as _check_epsilon
+from ..core.sinerelu import max_form_crossing as _max_form_crossing
 from ..errors import DeadNeuronError
-from ..reference import DEFAULT_EPSILON, Form, check_form
 from . import fused, kernels
 from .pool import scratch_vectors
 
@@ -51,21 +51,6 @@ CHUNK_ELEMENTS = 1 << 18
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _check_epsilon(epsilon: float) -> float:
-    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):  # numpy scalars pass
-        raise DeadNeuronError(
-            f"SineReLU epsilon must be a number; received {type(epsilon).__name__}; "
-            "pass a float such as 0.0025"
-        )
-    value = float(epsilon)
-    if not math.isfinite(value) or value < 0:
-        raise DeadNeuronError(
-            f"SineReLU epsilon must be finite and >= 0; received {epsilon!r}; "
-            "the article uses 0.0025 (conv) and 0.025 (dense)"
-        )
-    return value
-
-
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype in _HALF_DTYPES:
         # Half types compute in float32 (as PyTorch's own kernels do): z - pi/4 in bfloat16 would lose most of
@@ -76,40 +61,6 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
             f"SineReLU needs a floating-point tensor; received dtype {dtype}; convert the input with .float()"
         )
     return dtype
-
-
-@lru_cache(maxsize=64)
-def _max_form_crossing(epsilon: float, dtype: torch.dtype) -> float | None:
-    """Smallest z of `dtype` where the max form's z branch wins: eps*(sin z - cos z) <= z.
-
-    With k = eps*sqrt(2) <= 1, g(z) = eps*(sin z - cos z) - z has g' = k*cos(z - pi/4) - 1 <= 0, so there is
-    one crossing z* <= 0 and the z branch wins exactly on [z*, inf). The backward of the max form then needs
-    no sin to know which branch won. The decision is made in float64 on the grid of `dtype`, as the numpy
-    reference does, so gradients match it exactly; the float32 forward's own `maximum` may choose the other
-    branch at the one or two grid points next to z*, where both branches agree to rounding. Returns None
-    when k > 1 (several crossings are possible): the backward then compares the branches element by element.
-    """
-    k = epsilon * math.sqrt(2.0)
-    if k > 1.0:
-        return None
-
-    def z_wins(z: float) -> bool:
-        return epsilon * (math.sin(z) - math.cos(z)) <= z
-
-    lo, hi = -(k + 1.0), 0.0  # the sine branch wins at lo (it is >= -k > lo); z wins at 0 (-eps <= 0)
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if z_wins(mid):
-            hi = mid
-        else:
-            lo = mid
-    grid = np.float32 if dtype == torch.float32 else np.float64
-    t = grid(hi)
-    while not z_wins(float(t)):
-        t = np.nextafter(t, grid(np.inf))
-    while z_wins(float(np.nextafter(t, grid(-np.inf)))):
-        t = np.nextafter(t, grid(-np.inf))
-    return float(t)
 
 
 def _memory_order(t: Tensor) -> tuple[int, ...] | None:

@@ -34,20 +34,23 @@ import math
 import types
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..core.options import SwapOptions
+from ..core.sinerelu import Form
+from ..core.swap import nearest, write_then_rename
 from ..errors import DeadNeuronError
-from ..options import check_include, check_to, resolve_epsilons
-from ..reference import Form, check_form
 from .kinds import SWAPPED_SITE_KEY, call_name, function_spec, is_inplace, module_kind, module_kinds
 from .sinerelu import SineReLU
 
-__all__ = ["swap", "swap_module", "swap_graph_module", "swap_exported", "site_epsilons"]
+__all__ = [
+    "copy_model", "site_epsilons", "swap", "swap_exported", "swap_file", "swap_for_scan", "swap_graph_module",
+    "swap_model", "swap_module",
+]
 
 _QUARTER_PI = math.pi / 4
 
@@ -117,34 +120,6 @@ def _layer_of(func: Any) -> str | None:
     return layer
 
 
-def _nearest(layers: Sequence[str | None], index: int) -> str:
-    """The layer kind deciding the epsilon of the site at `index`: the last before, else the first after."""
-    for layer in reversed(layers[:index]):
-        if layer is not None:
-            return layer
-    for layer in layers[index + 1 :]:
-        if layer is not None:
-            return layer
-    return "conv"
-
-
-@dataclass
-class _Options:
-    epsilons: dict[str, float]
-    form: Form
-    include: tuple[str, ...]
-
-
-def _options(
-    epsilon: float | None, epsilon_conv: float | None, epsilon_dense: float | None, form: str, include: Any
-) -> _Options:
-    return _Options(
-        resolve_epsilons(epsilon, epsilon_conv, epsilon_dense),
-        check_form(form),  # type: ignore[arg-type]
-        check_include(include),
-    )
-
-
 def swap(
     model: Any,
     *,
@@ -160,8 +135,14 @@ def swap(
     An `nn.Module` gives an `nn.Module`, an `ExportedProgram` gives an `ExportedProgram` that runs without
     deadneuron, a torch.export graph module gives a graph module.
     """
-    check_to(to)
-    options = _options(epsilon, epsilon_conv, epsilon_dense, form, include)
+    options = SwapOptions.make(
+        to=to, epsilon=epsilon, epsilon_conv=epsilon_conv, epsilon_dense=epsilon_dense, form=form, include=include
+    )
+    return swap_model(model, options)
+
+
+def swap_model(model: Any, options: SwapOptions) -> Any:
+    """`swap` with its options checked (`SwapOptions`)."""
     if isinstance(model, torch.export.ExportedProgram):
         return swap_exported(model, options)
     if isinstance(model, torch.jit.ScriptModule):
@@ -183,7 +164,16 @@ def swap(
     return swap_module(model, options)
 
 
-def _copy(model: Any) -> Any:
+def swap_for_scan(model: Any, options: SwapOptions) -> Any:
+    """The swap that a comparison scans: as `swap_model`, except that an `ExportedProgram` becomes a graph module
+    whose SineReLUs are submodules at the ReLUs' module paths, so the scan sees them under the same names."""
+    if isinstance(model, torch.export.ExportedProgram):
+        return swap_graph_module(model.module(), options)
+    return swap_model(model, options)
+
+
+def copy_model(model: Any) -> Any:
+    """A deep copy of a module or program (torch's pytree deprecation noise silenced)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's pytree deprecation noise when copying graphs
         return copy.deepcopy(model)
@@ -191,7 +181,7 @@ def _copy(model: Any) -> Any:
 
 # Eager modules
 # --------------------------------------------------------------------------------------------------
-def site_epsilons(model: nn.Module, options: _Options) -> dict[str, float]:
+def site_epsilons(model: nn.Module, options: SwapOptions) -> dict[str, float]:
     """The epsilon each activation module of `model` gets, by qualified name (the registration-order rule)."""
     kinds = module_kinds()
     entries = list(model.named_modules())
@@ -202,12 +192,12 @@ def site_epsilons(model: nn.Module, options: _Options) -> dict[str, float]:
     chosen: dict[str, float] = {}
     for index, (name, module) in enumerate(entries):
         if module_kind(module, kinds) in options.include:
-            chosen[name] = options.epsilons[_nearest(layers, index)]
+            chosen[name] = options.epsilons[nearest(layers, index)]
     return chosen
 
 
-def swap_module(model: nn.Module, options: _Options) -> nn.Module:
-    swapped = _copy(model)
+def swap_module(model: nn.Module, options: SwapOptions) -> nn.Module:
+    swapped = copy_model(model)
     kinds = module_kinds()
     by_id = {
         id(m): eps
@@ -243,7 +233,7 @@ def swap_module(model: nn.Module, options: _Options) -> nn.Module:
     return swapped
 
 
-def _swap_activation_attribute(module: nn.Module, options: _Options) -> None:
+def _swap_activation_attribute(module: nn.Module, options: SwapOptions) -> None:
     """`nn.TransformerEncoderLayer`/`DecoderLayer` keep `activation=F.relu` as a plain function attribute
     and, in eval mode without gradients, take a fused fast path that never calls it. Make it a SineReLU module
     (a site named `layer.activation`, epsilon of a dense layer: it follows `linear1`); no fast path."""
@@ -271,7 +261,7 @@ class _Functional:
         self.inner = inner  # an instance-level forward the model had before the swap, or None
 
 
-def _install_functional(model: nn.Module, options: _Options) -> None:
+def _install_functional(model: nn.Module, options: SwapOptions) -> None:
     modules = {layer: SineReLU(options.epsilons[layer], options.form) for layer in ("conv", "dense")}
     inner = model.__dict__.get("forward")
     model._deadneuron_functional = _Functional(options.include, modules, inner)  # type: ignore[assignment]
@@ -334,12 +324,12 @@ def _graph_activation_nodes(graph: torch.fx.Graph, include: tuple[str, ...]) -> 
 
 
 def _graph_epsilons(
-    graph: torch.fx.Graph, nodes: list[torch.fx.Node], options: _Options
+    graph: torch.fx.Graph, nodes: list[torch.fx.Node], options: SwapOptions
 ) -> dict[torch.fx.Node, float]:
     order = list(graph.nodes)
     layers = [_layer_of(n.target) if n.op == "call_function" else None for n in order]
     position = {n: i for i, n in enumerate(order)}
-    return {n: options.epsilons[_nearest(layers, position[n])] for n in nodes}
+    return {n: options.epsilons[nearest(layers, position[n])] for n in nodes}
 
 
 def _activation_entry(node: torch.fx.Node) -> tuple[str, str] | None:
@@ -361,9 +351,9 @@ def _without_activation_entry(node: torch.fx.Node) -> dict[str, Any]:
     return stack
 
 
-def swap_graph_module(model: torch.fx.GraphModule, options: _Options) -> torch.fx.GraphModule:
+def swap_graph_module(model: torch.fx.GraphModule, options: SwapOptions) -> torch.fx.GraphModule:
     """Activation nodes of a torch.export graph module become calls of SineReLU submodules (named sites)."""
-    swapped = _copy(model)
+    swapped = copy_model(model)
     graph = swapped.graph
     nodes = _graph_activation_nodes(graph, options.include)
     epsilons = _graph_epsilons(graph, nodes, options)
@@ -402,9 +392,9 @@ def _taken(module: nn.Module, path: str) -> bool:
     return True
 
 
-def swap_exported(program: torch.export.ExportedProgram, options: _Options) -> torch.export.ExportedProgram:
+def swap_exported(program: torch.export.ExportedProgram, options: SwapOptions) -> torch.export.ExportedProgram:
     """A new ExportedProgram whose activation nodes compute SineReLU with aten ops only."""
-    swapped = _copy(program)
+    swapped = copy_model(program)
     graph = swapped.graph_module.graph
     nodes = _graph_activation_nodes(graph, options.include)
     epsilons = _graph_epsilons(graph, nodes, options)
@@ -470,28 +460,13 @@ def _decompose(graph: torch.fx.Graph, node: torch.fx.Node, epsilon: float, form:
     graph.erase_node(node)
 
 
-def swap_file(
-    model: Any, output: str, *, epsilons: dict[str, float], form: Form, include: Sequence[str] | str
-) -> int:
-    """Swap a loaded `.pt2` program and save it to `output`; the number of sites swapped.
-
-    Written to a temporary name first and renamed, so a failed write never leaves half a file at `output`.
-    """
-    import os
-
+def swap_file(model: Any, output: str, options: SwapOptions) -> int:
+    """Swap a loaded `.pt2` program and save it to `output` (written then renamed); the number of sites swapped."""
     if not isinstance(model, torch.export.ExportedProgram):
         raise DeadNeuronError(
             f"expected a torch.export program from a .pt2 file, received {type(model).__name__}"
         )
-    options = _Options(dict(epsilons), check_form(form), check_include(include))  # type: ignore[arg-type]
     count = len(_graph_activation_nodes(model.graph_module.graph, options.include))
     swapped = swap_exported(model, options)
-    folder, base = os.path.split(os.path.abspath(output))
-    partial = os.path.join(folder, f".{base}.partial.pt2")
-    try:
-        torch.export.save(swapped, partial)
-        os.replace(partial, output)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    write_then_rename(lambda path: torch.export.save(swapped, path), output)
     return count

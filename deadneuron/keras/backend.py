@@ -1,4 +1,4 @@
-"""The Keras adapter: `load_model`, `scan` and `inspect` (docs/architecture.md, "The adapter contract").
+"""The Keras backend of the scan engine (`deadneuron.core.engine`): the primitives a scan needs from Keras.
 
 A scan wraps every candidate site (`sites.py`), runs one eager pass on two samples of the first batch to learn the
 sites in order of first execution and their shapes, then streams the batches through one step per batch: forward
@@ -16,20 +16,26 @@ by a loss would zero the gradient of confident samples); for a subclassed model 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from itertools import chain
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 import keras
 import numpy as np
 from keras import ops
 
+from ..core.options import ResolvedLoss, ScanOptions, SwapOptions
+from ..core.plan import Batch, Shape
+from ..core.stats import SiteStats
 from ..errors import DeadNeuronError
-from ..report import Report, SiteInfo
+from ..report import SiteInfo
 from .accumulate import SiteAccumulator
-from .feed import Batch, batches, check_shapes, random_batches
+from .feed import SOURCE, check_shapes, sample_shapes
 from .sites import Recorder, Watch, output_activation, survey
+from .swap import copy_model, swap_file, swap_model
 
-Progress = Callable[[int], None]
+__all__ = ["BACKEND", "KerasBackend", "KerasRun", "is_integer", "load_model", "loss_value"]
+
 _COMPILED = ("predict_function", "train_function", "test_function")
 _MISSING = object()
 
@@ -56,21 +62,11 @@ def _backend() -> str:
 # ---------------------------------------------------------------------------------------------------- losses
 
 
-def _is_integer(y: Any) -> bool:
+def is_integer(y: Any) -> bool:
     dtype = getattr(y, "dtype", None)
     if dtype is None:
         return False
     return keras.backend.standardize_dtype(dtype).startswith(("int", "uint", "bool"))
-
-
-def resolve_loss(loss: str, labelled: bool, integer_labels: bool) -> str:
-    if loss == "auto":
-        return ("ce" if integer_labels else "mse") if labelled else "probe"
-    if loss in ("ce", "mse") and not labelled:
-        raise DeadNeuronError(
-            f"loss={loss!r} needs labels; pass labels (a .npz with key 'y', an (x, y) pair) or use loss='probe'"
-        )
-    return loss
 
 
 def _single_output(outputs: Any) -> Any:
@@ -102,7 +98,7 @@ def loss_value(kind: str, outputs: Any, y: Any, logits: Any, generator: Any) -> 
     if scores.shape[-1] == 1 or len(scores.shape) == 1:  # one score per sample: binary cross-entropy
         target = ops.reshape(ops.cast(y, "float32"), ops.shape(scores))
         return ops.sum(ops.binary_crossentropy(target, scores, from_logits=True))
-    if not _is_integer(y) and len(y.shape) == len(scores.shape):  # one-hot or soft targets
+    if not is_integer(y) and len(y.shape) == len(scores.shape):  # one-hot or soft targets
         return ops.sum(ops.categorical_crossentropy(ops.cast(y, "float32"), scores, from_logits=True))
     y = ops.cast(y, "int32")
     if len(y.shape) == len(scores.shape):
@@ -117,7 +113,7 @@ def _check_targets(kind: str, y: Any, output_shape: tuple[int, ...]) -> None:
     if any(d is None for d in (*y.shape[1:], *output_shape[1:])):
         return  # free dimensions: the model will say
     y_shape, out_shape = tuple(int(d) for d in y.shape[1:]), tuple(int(d) for d in output_shape[1:])
-    if kind == "mse" or not _is_integer(y):
+    if kind == "mse" or not is_integer(y):
         if int(np.prod(y_shape)) != int(np.prod(out_shape)):
             raise DeadNeuronError(
                 f"targets of shape {_show(y_shape)} per sample do not fit outputs of shape {_show(out_shape)}; "
@@ -167,7 +163,7 @@ def discover(
 ) -> tuple[list[tuple[SiteInfo, int, int]], Any]:
     """Sites in order of first execution as (SiteInfo, rank, positions), and the outputs, from one eager pass."""
     recorder.begin()
-    x = _to_tensors(keras.tree.map_structure(lambda t: t[:2], batch.x))
+    x = keras.tree.map_structure(lambda t: t[:2], batch.x)
     try:
         outputs = model(x, training=False)
     except DeadNeuronError:
@@ -282,96 +278,159 @@ def _restore(model: Any, saved: dict[str, Any]) -> None:
             vars(model)[attribute] = before
 
 
-def scan(
-    model: Any,
-    data: Any = None,
-    *,
-    batch_size: int = 64,
-    labels: Any = None,
-    loss: str = "auto",
-    atol: float = 0.0,
-    gtol: float = 0.0,
-    unit_axis: int | None = None,
-    samples: int | None = None,
-    input_shape: Sequence[int] | None = None,
-    seed: int = 0,
-    progress: Progress | None = None,
-    name: str | None = None,
-) -> Report:
-    """Scan a Keras model: dead, dormant and gradient-dead units per activation site (see the module docstring)."""
-    backend = _backend()
-    feed: Iterator[Batch] = batches(
-        model, data, labels=labels, batch_size=batch_size, samples=samples, input_shape=input_shape, seed=seed
-    )
-    first = next(feed, None)
-    if first is None:
-        raise DeadNeuronError("the data is empty: no batch came out of it; expected at least one sample")
-    check_shapes(model, first)
-    labelled = first.y is not None
-    kind = resolve_loss(loss, labelled, labelled and _is_integer(first.y))
-    warnings: list[str] = []
-    if not model.built:
-        warnings.append(
-            "the model had not been built (never called): the scan built it, so it saw freshly initialised weights"
-        )
-    found = survey(model)
-    candidates = list(found.candidates)
-    logits = output_activation(model) if kind == "ce" else None
-    if logits is not None:
-        candidates.append(logits)
-    recorder = Recorder()
-    saved = _snapshot(model)
-    accumulators: dict[str, SiteAccumulator] = {}
-    try:
-        with Watch(candidates, recorder):
-            sites, outputs = discover(model, first, recorder, unit_axis)
-            output_shape = tuple(_single_output(outputs).shape) if kind in ("ce", "mse") else ()
-            accumulators = {info.name: SiteAccumulator(info, rank, positions) for info, rank, positions in sites}
-            generator = keras.random.SeedGenerator(seed) if kind == "probe" else None
-            make_step = _tensorflow_step if backend == "tensorflow" else _torch_step
-            step = make_step(model, recorder, accumulators, kind, atol, gtol, generator)
-            for batch in chain([first], feed):
-                if (batch.y is not None) != labelled:
-                    raise DeadNeuronError(
-                        "some batches carry labels and some do not; expected labels on every batch or on none"
-                    )
-                if kind in ("ce", "mse"):
-                    _check_targets(kind, batch.y, output_shape)
-                    y = ops.convert_to_tensor(batch.y)
-                else:
-                    y = None
-                step(_to_tensors(batch.x), y)
-                if progress is not None:
-                    progress(batch.size)
-    finally:
-        _restore(model, saved)
-    if not accumulators:
-        warnings.append(
-            "no activation sites found: the model has no ReLU-family or smooth-rectifier activation that can be "
-            "watched (activations called inside a subclassed model's own call() are invisible)"
-        )
-    return Report.build(
-        framework="keras",
-        model=name or type(model).__name__,
-        loss=kind,
-        sites=[(accumulator.site, accumulator.to_stats()) for accumulator in accumulators.values()],
-        atol=atol,
-        gtol=gtol,
-        warnings=warnings,
-        unobserved=found.unobserved,
-    )
+@dataclass
+class KerasRun:
+    """A Keras model ready to scan; Keras models carry no example input and no static batch size."""
+
+    model: Any
+    display: str
+    warnings: list[str] = field(default_factory=list)
+    static_batch: int | None = None
+    example_shape: Shape | None = None
+    source: Any = SOURCE
+
+    def evaluating(self) -> AbstractContextManager[Any]:
+        return nullcontext()  # `output` calls the model with training=False, and no tape records it
+
+    def output(self, x: Any) -> Any:
+        leaves = keras.tree.flatten(self.model(x, training=False))
+        if not leaves:
+            raise DeadNeuronError("the model returns no output to compare")
+        return leaves[0]
+
+    def drift_sums(self, a: Any, b: Any, classifier: bool) -> tuple[Any, Any, Any]:
+        a, b = ops.cast(a, "float64"), ops.cast(b, "float64")
+        agreed = None
+        if classifier:
+            same = ops.equal(ops.argmax(a, axis=-1), ops.argmax(b, axis=-1))
+            agreed = ops.sum(ops.cast(ops.all(ops.reshape(same, (ops.shape(a)[0], -1)), axis=1), "int64"))
+        return ops.sum(ops.square(b - a)), ops.sum(ops.square(a)), agreed
+
+    def sample_shapes(self, input_shape: Shape | None) -> list[Shape] | None:
+        return sample_shapes(self.model, input_shape)
+
+    def integer(self, y: Any) -> bool:
+        return is_integer(y)
+
+    def place(self, batch: Batch) -> Iterator[Batch]:
+        check_shapes(self.model, batch)
+        yield Batch(_to_tensors(batch.x), batch.y, batch.valid)
+
+    @contextmanager
+    def watch(self, options: ScanOptions, loss: ResolvedLoss, first: Batch) -> Iterator[KerasWatch]:
+        model = self.model
+        found = survey(model)
+        candidates = list(found.candidates)
+        logits = output_activation(model) if loss == "ce" else None
+        if logits is not None:
+            candidates.append(logits)
+        recorder = Recorder()
+        saved = _snapshot(model)
+        try:
+            with Watch(candidates, recorder):
+                sites, outputs = discover(model, first, recorder, options.unit_axis)
+                yield KerasWatch(self, recorder, sites, outputs, loss, options, found.unobserved)
+        finally:
+            _restore(model, saved)
 
 
-def inspect(model: Any, *, input_shape: Sequence[int] | None = None) -> list[SiteInfo]:
-    """The sites of `model` in order of first execution, from one eager pass on two random samples."""
-    _backend()
-    first = next(random_batches(model, 2, 2, input_shape, seed=0))
-    check_shapes(model, first)
-    recorder = Recorder()
-    saved = _snapshot(model)
-    try:
-        with Watch(survey(model).candidates, recorder):
-            sites, _ = discover(model, first, recorder, None)
-    finally:
-        _restore(model, saved)
-    return [info for info, _, _ in sites]
+class KerasWatch:
+    """The wrapped sites of one scan, their accumulators (Keras variables) and the compiled step."""
+
+    def __init__(
+        self,
+        run: KerasRun,
+        recorder: Recorder,
+        sites: list[tuple[SiteInfo, int, int]],
+        outputs: Any,
+        loss: ResolvedLoss,
+        options: ScanOptions,
+        unobserved: list[str],
+    ) -> None:
+        self.loss = loss
+        self.warnings: list[str] = []
+        self.unobserved = unobserved
+        self.output_shape = tuple(_single_output(outputs).shape) if loss in ("ce", "mse") else ()
+        self.by_name = {info.name: SiteAccumulator(info, rank, positions) for info, rank, positions in sites}
+        generator = keras.random.SeedGenerator(options.seed) if loss == "probe" else None
+        make_step = _tensorflow_step if _backend() == "tensorflow" else _torch_step
+        self._step = make_step(run.model, recorder, self.by_name, loss, options.atol, options.gtol, generator)
+
+    def step(self, batch: Batch) -> None:
+        y = None
+        if self.loss in ("ce", "mse"):
+            _check_targets(self.loss, batch.y, self.output_shape)
+            y = ops.convert_to_tensor(batch.y)
+        self._step(batch.x, y)
+
+    def sites(self) -> list[SiteInfo]:
+        return [accumulator.site for accumulator in self.by_name.values()]
+
+    def accumulators(self) -> list[SiteAccumulator]:
+        return list(self.by_name.values())
+
+    def collect(self, accumulators: list[Any]) -> list[tuple[SiteInfo, SiteStats]]:
+        return [(accumulator.site, accumulator.to_stats()) for accumulator in accumulators]
+
+
+def _training_loss(kind: ResolvedLoss, y: Any, model: Any) -> Any:
+    """The Keras loss a fine-tuning compiles: MSE, or (sparse) categorical cross-entropy, on logits unless the
+    model ends in a softmax or sigmoid."""
+    if kind == "mse":
+        return keras.losses.MeanSquaredError()
+    from_logits = output_activation(model) is None
+    if np.ndim(y) >= 2 and not is_integer(y) and np.shape(y)[-1] > 1:
+        return keras.losses.CategoricalCrossentropy(from_logits=from_logits)
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
+
+
+def train(model: Any, batches: Iterator[Batch], *, loss: ResolvedLoss, lr: float, seed: int) -> Any:
+    """A copy of `model` (a clone with the weights, or a deep copy of a subclassed model), compiled with Adam(lr)
+    and trained with one `train_on_batch` per batch."""
+    trained = copy_model(model)
+    compiled = False
+    for batch in batches:
+        if not compiled:
+            trained.compile(
+                optimizer=keras.optimizers.Adam(learning_rate=lr), loss=_training_loss(loss, batch.y, trained)
+            )
+            compiled = True
+        trained.train_on_batch(batch.x, batch.y)
+    return trained
+
+
+@dataclass(frozen=True)
+class KerasBackend:
+    framework: str = "keras"
+    no_sites: str = (
+        "no activation sites found: the model has no ReLU-family or smooth-rectifier activation that can be "
+        "watched (activations called inside a subclassed model's own call() are invisible)"
+    )
+
+    def prepare(self, model: Any, name: str | None) -> KerasRun:
+        _backend()
+        run = KerasRun(model, name or type(model).__name__)
+        if not model.built:
+            run.warnings.append(
+                "the model had not been built (never called): the scan built it, so it saw freshly initialised "
+                "weights"
+            )
+        return run
+
+    def load_model(self, path: str, **options: Any) -> Any:
+        return load_model(path, **options)
+
+    def swap_for_scan(self, model: Any, options: SwapOptions) -> Any:
+        return swap_model(model, options)
+
+    def train(self, model: Any, batches: Iterator[Batch], *, loss: ResolvedLoss, lr: float, seed: int) -> Any:
+        return train(model, batches, loss=loss, lr=lr, seed=seed)
+
+    def swap(self, model: Any, options: SwapOptions) -> Any:
+        return swap_model(model, options)
+
+    def swap_file(self, model: Any, output: str, options: SwapOptions) -> int:
+        return swap_file(model, output, options)
+
+
+BACKEND = KerasBackend()

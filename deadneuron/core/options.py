@@ -1,0 +1,185 @@
+"""Options, checked once for both frameworks: a scan's (`ScanOptions`), a swap's (`SwapOptions`: target, kinds,
+epsilon per site kind) and a comparison's fine-tuning (`TuneOptions`).
+
+Users pass plain strings and numbers; the API builds the frozen option objects once and every layer below reads
+them, so nothing is validated twice.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+from ..errors import DeadNeuronError
+from .sinerelu import Form, check_epsilon, check_form
+
+# The gradient source of a scan (design.md, "Loss for gradients"): `auto` picks ce/mse from the labels, else probe.
+Loss = Literal["auto", "ce", "mse", "probe", "none"]
+LOSSES: tuple[str, ...] = get_args(Loss)
+# What `auto` and the labels resolve to: the loss a report names.
+ResolvedLoss = Literal["ce", "mse", "probe", "none"]
+
+SWAP_TARGETS: tuple[str, ...] = ("sinerelu",)
+# Kinds a swap may replace; ReLU6 and the leaky variants only when asked (`include=`): they are not plain ReLUs.
+SWAPPABLE_KINDS: tuple[str, ...] = ("relu", "relu6", "leaky_relu")
+# The article's MNIST settings: 0.0025 after convolutions, 0.025 after dense layers.
+DEFAULT_EPSILON_CONV = 0.0025
+DEFAULT_EPSILON_DENSE = 0.025
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """How a scan runs, validated once (`DeadNeuronError` for a bad value)."""
+
+    batch_size: int = 64
+    loss: Loss = "auto"
+    atol: float = 0.0
+    gtol: float = 0.0
+    unit_axis: int | None = None
+    samples: int | None = None  # at most this many samples; without data, this many random inputs
+    input_shape: tuple[int, ...] | None = None  # one sample's shape, for random inputs
+    seed: int = 0  # random inputs draw from `seed`, the gradient probe from `seed + 1`
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise DeadNeuronError(f"unknown loss {self.loss!r}; expected one of {', '.join(LOSSES)}")
+        for name, value in (("atol", self.atol), ("gtol", self.gtol)):
+            if not _number(value) or value < 0:
+                raise DeadNeuronError(
+                    f"thresholds must be >= 0: {name} must be a finite number >= 0, received {value!r}"
+                )
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size <= 0:
+            raise DeadNeuronError(
+                f"batch size must be positive: batch_size must be an integer >= 1, received {self.batch_size!r}"
+            )
+        if self.samples is not None and self.samples <= 0:
+            raise DeadNeuronError(f"samples must be positive, received {self.samples}")
+        if self.input_shape is not None:
+            object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
+
+    @property
+    def gradients(self) -> bool:
+        return self.loss != "none"
+
+
+def scan_options(
+    *,
+    batch_size: int = 64,
+    loss: str = "auto",
+    atol: float = 0.0,
+    gtol: float = 0.0,
+    unit_axis: int | None = None,
+    samples: int | None = None,
+    input_shape: Sequence[int] | None = None,
+    seed: int = 0,
+) -> ScanOptions:
+    """`ScanOptions` from the API's plain keyword arguments."""
+    shape = tuple(input_shape) if input_shape is not None else None
+    return ScanOptions(batch_size, loss, atol, gtol, unit_axis, samples, shape, seed)  # type: ignore[arg-type]
+
+
+def resolve_loss(loss: str, labelled: bool, integer_labels: bool) -> ResolvedLoss:
+    """The loss a scan takes its gradient from, decided once from the first batch's labels."""
+    if loss == "auto":
+        return ("ce" if integer_labels else "mse") if labelled else "probe"
+    if loss in ("ce", "mse") and not labelled:
+        raise DeadNeuronError(
+            f"loss={loss!r} needs labels; received data without labels (--loss {loss} needs labels too); pass "
+            "data with labels (a .npz with key 'y', an (x, y) pair) or use loss='probe' (--loss probe)"
+        )
+    return loss  # type: ignore[return-value]
+
+
+def check_to(to: str) -> str:
+    if to not in SWAP_TARGETS:
+        raise DeadNeuronError(f"cannot swap ReLU for {to!r}; expected one of {', '.join(SWAP_TARGETS)}")
+    return to
+
+
+def check_include(include: Any) -> tuple[str, ...]:
+    """The kinds to replace, validated: a name or a sequence of names from SWAPPABLE_KINDS."""
+    kinds = (include,) if isinstance(include, str) else tuple(include)
+    unknown = [k for k in kinds if k not in SWAPPABLE_KINDS]
+    if unknown or not kinds:
+        raise DeadNeuronError(
+            f"cannot swap {', '.join(map(repr, unknown)) or 'nothing'}; include takes kinds from "
+            f"{', '.join(SWAPPABLE_KINDS)}"
+        )
+    return kinds
+
+
+def resolve_epsilons(
+    epsilon: float | None = None, epsilon_conv: float | None = None, epsilon_dense: float | None = None
+) -> dict[str, float]:
+    """{"conv": e, "dense": e}: `epsilon` sets both; otherwise each defaults to the article's value.
+
+    >>> resolve_epsilons()
+    {'conv': 0.0025, 'dense': 0.025}
+    >>> resolve_epsilons(0.01)
+    {'conv': 0.01, 'dense': 0.01}
+    """
+    if epsilon is not None and (epsilon_conv is not None or epsilon_dense is not None):
+        raise DeadNeuronError(
+            "epsilon sets every site; expected either epsilon or epsilon_conv/epsilon_dense, received both"
+        )
+    conv = epsilon if epsilon is not None else epsilon_conv
+    dense = epsilon if epsilon is not None else epsilon_dense
+    return {
+        "conv": check_epsilon(DEFAULT_EPSILON_CONV if conv is None else conv, "conv"),
+        "dense": check_epsilon(DEFAULT_EPSILON_DENSE if dense is None else dense, "dense"),
+    }
+
+
+@dataclass(frozen=True)
+class SwapOptions:
+    """What a swap does: the epsilon after convolutions and after dense layers, the form, the kinds replaced."""
+
+    epsilons: dict[str, float]
+    form: Form = "piecewise"
+    include: tuple[str, ...] = ("relu",)
+    to: str = "sinerelu"
+
+    @classmethod
+    def make(
+        cls,
+        *,
+        to: str = "sinerelu",
+        epsilon: float | None = None,
+        epsilon_conv: float | None = None,
+        epsilon_dense: float | None = None,
+        form: str = "piecewise",
+        include: Sequence[str] | str = ("relu",),
+    ) -> SwapOptions:
+        return cls(
+            resolve_epsilons(epsilon, epsilon_conv, epsilon_dense), check_form(form), check_include(include),
+            check_to(to),
+        )
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """A comparison's fine-tuning: `steps` Adam steps at learning rate `lr` (none by default)."""
+
+    steps: int = 0
+    lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise DeadNeuronError(f"finetune_steps must be an integer >= 0, received {self.steps!r}")
+        if self.steps and not (_number(self.lr) and self.lr > 0):
+            raise DeadNeuronError(f"the learning rate must be > 0, received {self.lr!r}")
+        object.__setattr__(self, "lr", float(self.lr))
+
+    def check_loss(self, loss: str) -> None:
+        if self.steps and loss in ("probe", "none"):
+            raise DeadNeuronError(
+                f"fine-tuning trains on the task loss; received loss={loss!r}; use loss='auto', 'ce' or 'mse' with "
+                "labels"
+            )

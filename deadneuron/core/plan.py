@@ -1,0 +1,161 @@
+"""The host data plan: whatever the user passed as data, as batches of at most `samples` samples, framework-free.
+
+Accepted: None (random standard-normal inputs, drawn batch by batch from the seed), a path, an array, an (x, y)
+pair of arrays (`deadneuron.data`: memory-mapped, read one batch at a time), a framework tensor or a pair of them
+(sliced), or any iterable of batches (DataLoader, tf.data, a list; `data.split_batch` reads each item). A backend
+says how to turn its tensors into something this module can slice (`Source`), and moves each batch to its device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import data as datamod
+from ..errors import DeadNeuronError
+from .options import ScanOptions
+
+Shape = tuple[int, ...]
+
+
+@dataclass
+class Batch:
+    """One batch: inputs (an array or tensor, or a list/dict of them), labels or None, and how many samples are
+    real (a static-batch program pads the last batch; `valid` never counts the padding)."""
+
+    x: Any
+    y: Any
+    valid: int
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a backend tells the plan about its own types.
+
+    `host`: the user's data with framework-only kinds turned into ones the plan reads (None when unchanged);
+    `size`: the number of samples in a batch's inputs; `take`: the first n samples of a batch's inputs.
+    """
+
+    size: Callable[[Any], int]
+    take: Callable[[Any, int], Any]
+    host: Callable[[Any], Any] | None = None
+
+
+def leading(x: Any) -> int:
+    """Samples in a batch of arrays or tensors (the first leaf's leading axis)."""
+    first = x
+    while isinstance(first, (list, tuple, dict)) and first:
+        first = next(iter(first.values())) if isinstance(first, dict) else first[0]
+    shape = getattr(first, "shape", None)
+    if shape is None or len(shape) == 0:
+        raise DeadNeuronError(
+            f"a batch holds a {type(first).__name__} without a batch axis; expected arrays or tensors shaped "
+            "(batch, ...)"
+        )
+    return int(shape[0])
+
+
+def first_rows(x: Any, n: int) -> Any:
+    """The first `n` samples of a batch of arrays or tensors (lists and dicts of them too)."""
+    if isinstance(x, dict):
+        return {key: first_rows(value, n) for key, value in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(first_rows(value, n) for value in x)
+    return x[:n]
+
+
+PLAIN = Source(size=leading, take=first_rows)
+
+
+def random_inputs(samples: int, shapes: Sequence[Shape], batch_size: int, seed: int) -> Iterator[Any]:
+    """`samples` standard-normal float32 inputs in batches, drawn batch by batch from `seed` (never all held at
+    once). One array per shape; a single shape gives a plain array. The same draw whatever the backend, so
+    `deadneuron.torch.distributed` can replay it rank by rank."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, samples, batch_size):
+        n = min(batch_size, samples - start)
+        xs = [rng.standard_normal((n, *shape), dtype=np.float32) for shape in shapes]
+        yield xs[0] if len(xs) == 1 else xs
+
+
+def limited(items: Iterable[tuple[Any, Any]], samples: int | None, source: Source = PLAIN) -> Iterator[Batch]:
+    """The one sample limiter: batches until `samples` samples have passed (the last one cut); empty ones skipped."""
+    remaining = samples
+    for x, y in items:
+        size = source.size(x)
+        if remaining is not None and size > remaining:
+            x, y, size = source.take(x, remaining), (None if y is None else y[:remaining]), remaining
+        if size == 0:
+            continue
+        yield Batch(x, y, size)
+        if remaining is not None:
+            remaining -= size
+            if remaining <= 0:
+                return
+
+
+def is_tensor(value: Any) -> bool:
+    return hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, np.ndarray)
+
+
+def host_batches(
+    data: Any,
+    labels: Any,
+    options: ScanOptions,
+    *,
+    shapes: Callable[[], Sequence[Shape]],
+    source: Source = PLAIN,
+    batch_size: int | None = None,
+) -> Iterator[Batch]:
+    """The batches of one scan, on the host (or where the user's tensors live); at most `options.samples` samples.
+
+    `shapes()` gives one sample's shape per model input for random inputs (called only when `data` is None);
+    `batch_size` overrides the options' (a program exported with a static batch size).
+    """
+    size = batch_size or options.batch_size
+    samples = options.samples
+    if data is None:
+        if samples is None:
+            raise DeadNeuronError(
+                "no data: pass data (an array, a tensor, a DataLoader or a .npz/.npy path), or "
+                "samples=N for N random inputs"
+            )
+        items: Iterable[tuple[Any, Any]] = ((x, None) for x in random_inputs(samples, shapes(), size, options.seed))
+        yield from limited(items, samples, source)
+        return
+    if source.host is not None:
+        data = source.host(data)
+    dataset = datamod.validate(data) if isinstance(data, datamod.Dataset) else datamod.as_dataset(data, labels)
+    if dataset is not None:
+        if labels is not None and dataset.y is None:
+            dataset = datamod.validate(datamod.Dataset(dataset.x, np.asarray(labels), dataset.source))
+        yield from limited(datamod.array_batches(datamod.limit(dataset, samples), size), samples, source)
+        return
+    if is_tensor(data) or (isinstance(data, tuple) and len(data) == 2 and is_tensor(data[0])):
+        x, y = (data, labels) if is_tensor(data) else (data[0], data[1] if labels is None else labels)
+        if len(x.shape) == 0 or x.shape[0] == 0:
+            raise DeadNeuronError(f"the inputs are empty (shape {tuple(x.shape)}); expected at least one sample")
+        if y is not None and len(y) != len(x):
+            raise DeadNeuronError(f"{len(y)} labels for {len(x)} inputs; expected one label per input")
+        slices = ((x[i : i + size], None if y is None else y[i : i + size]) for i in range(0, len(x), size))
+        yield from limited(slices, samples, source)
+        return
+    if not datamod.is_iterable_of_batches(data):
+        raise DeadNeuronError(
+            f"cannot read data of type {type(data).__name__}; expected an array, a tensor, an (x, y) pair, an "
+            "iterable of batches (DataLoader, tf.data.Dataset) or a path to a .npz/.npy"
+        )
+    if labels is not None:
+        raise DeadNeuronError(
+            "labels= goes with array data; a dataset or an iterable of batches carries its own labels as (x, y) pairs"
+        )
+    yield from limited((datamod.split_batch(item) for item in data), samples, source)
+
+
+def check_labelled(batch: Batch, labelled: bool) -> None:
+    """Labels on every batch or on none: the loss was resolved from the first batch."""
+    if (batch.y is not None) != labelled:
+        raise DeadNeuronError("some batches carry labels and some do not; expected labels on every batch or on none")

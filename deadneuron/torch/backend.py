@@ -1,0 +1,471 @@
+"""The PyTorch backend of the scan engine (`deadneuron.core.engine`): the primitives a scan needs from torch.
+
+A scan runs the model in eval mode (BatchNorm uses its running statistics and leaves them alone, dropout is off:
+the scan is deterministic and every sample's gradient is its own), with PyTorch's fused transformer fast path
+switched off so that every activation runs, and puts everything back afterwards, also when it fails: the train/eval
+flag of every submodule, requires_grad, `.grad`, buffers, the fast-path switch, and no hooks.
+
+Gradients are taken with `torch.autograd.grad` with respect to the trainable parameters (the inputs when nothing is
+trainable), so no parameter's `.grad` is touched; the per-site hooks read dL/d(pre-activation) as it passes.
+The loss is summed over samples (never averaged), so a sample's gradient does not depend on the batch it came in.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.options import ResolvedLoss, ScanOptions, SwapOptions
+from ..core.plan import PLAIN, Batch, Shape, Source
+from ..core.stats import SiteStats
+from ..errors import DeadNeuronError
+from ..report import SiteInfo
+from .accumulate import SiteAccumulator, collect
+from .loading import load_model as _load_model
+from .sites import SiteWatcher, fold_sinerelu, graph_sites
+from .swap import copy_model, swap_file, swap_for_scan, swap_model
+
+__all__ = ["BACKEND", "TorchBackend", "TorchRun", "batch_probe", "load_model", "output_tensors"]
+
+# The probe's cotangents for one batch: (output tensors, valid samples) -> one v per output, rows past
+# `valid` zero. `deadneuron.torch.distributed` passes one that draws by global sample position.
+Probe = Callable[[list[torch.Tensor], int], list[torch.Tensor]]
+
+
+def batch_probe(seed: int) -> Probe:
+    """v ~ N(0, I) for each output of each batch, drawn in batch order from one generator seeded `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(outputs: list[torch.Tensor], valid: int) -> list[torch.Tensor]:
+        vs = []
+        for t in outputs:
+            v = torch.randn(t.shape, generator=generator).to(device=t.device, dtype=t.dtype)
+            if valid < t.shape[0]:
+                v[valid:] = 0
+            vs.append(v)
+        return vs
+
+    return draw
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    arch: str | None = None,
+    unsafe_pickle: bool = False,
+    unsafe_deserialization: bool = False,
+) -> Any:
+    """A `.pt2` as an `ExportedProgram`; a state dict with `arch` (or a pickled module) as an `nn.Module`."""
+    return _load_model(os.fspath(path), arch=arch, unsafe_pickle=unsafe_pickle)
+
+
+def _to_tensor(value: Any, what: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            raise DeadNeuronError(f"{what} holds {value.dtype} values; expected numbers (float or int)")
+        if not value.flags.writeable or not value.flags.c_contiguous:
+            value = np.array(value)  # one batch read into memory (from a memory map)
+        return torch.from_numpy(value)
+    try:
+        return torch.as_tensor(value)
+    except Exception as error:
+        raise DeadNeuronError(
+            f"cannot turn {what} of type {type(value).__name__} into a tensor; expected an array or a tensor"
+        ) from error
+
+
+@dataclass
+class TorchRun:
+    """What a scan runs (an `nn.Module`; an `ExportedProgram` as its graph module), and what the model itself
+    says about its inputs."""
+
+    module: nn.Module
+    display: str
+    probe: Callable[[int], Probe] = batch_probe
+    graph_names: list[str] | None = None
+    unobserved: list[str] = field(default_factory=list)
+    example_shape: tuple[int, ...] | None = None  # one sample's shape
+    example_dtype: torch.dtype | None = None
+    static_batch: int | None = None
+    warnings: list[str] = field(default_factory=list)
+    source: Source = PLAIN
+
+    @property
+    def device(self) -> torch.device:
+        return _device_dtype(self.module, self.example_dtype)[0]
+
+    def sample_shapes(self, input_shape: Shape | None) -> list[Shape] | None:
+        if input_shape is not None:
+            if self.example_shape is not None and tuple(input_shape) != self.example_shape:
+                raise DeadNeuronError(
+                    f"--input-shape {tuple(input_shape)} does not fit the program; expected samples of "
+                    f"shape {self.example_shape} (its example input)"
+                )
+            return [tuple(input_shape)]
+        shape = self.example_shape or _guess_sample_shape(self.module)
+        return None if shape is None else [shape]
+
+    def integer(self, y: Any) -> bool:
+        return not y.is_floating_point()
+
+    def place(self, batch: Batch) -> Iterator[Batch]:
+        """On the model's device and floating dtype (labels: integer labels as int64); cut into static
+        batches, the last padded by repeating its first sample, when the program has a static batch size."""
+        device, dtype = _device_dtype(self.module, self.example_dtype)
+        x = _to_tensor(batch.x, "a batch of inputs")
+        x = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
+        y = batch.y
+        if y is not None:
+            y = _to_tensor(y, "a batch of labels")
+            y = y.to(device=device, dtype=dtype if y.is_floating_point() else torch.long)
+        if x.ndim == 0 or x.shape[0] == 0:
+            return
+        size = self.static_batch
+        if size is None:
+            yield Batch(x, y, batch.valid)
+            return
+        for start in range(0, int(x.shape[0]), size):
+            xs = x[start : start + size]
+            ys = None if y is None else y[start : start + size]
+            valid = int(xs.shape[0])
+            if valid < size:
+                xs = torch.cat([xs, xs[:1].expand(size - valid, *xs.shape[1:])])
+                if ys is not None:
+                    ys = torch.cat([ys, ys[:1].expand(size - valid, *ys.shape[1:])])
+            yield Batch(xs, ys, valid)
+
+    @contextmanager
+    def watch(self, options: ScanOptions, loss: ResolvedLoss, first: Batch) -> Iterator[TorchWatch]:
+        watcher = SiteWatcher(
+            self.module,
+            atol=options.atol,
+            gtol=options.gtol,
+            unit_axis=options.unit_axis,
+            gradients=loss != "none",
+            graph_names=self.graph_names,
+            unobserved=self.unobserved,
+        )
+        with ExitStack() as stack:
+            stack.enter_context(preserved(self.module))
+            stack.enter_context(watcher)
+            yield TorchWatch(self, watcher, loss, self.probe(options.seed + 1))
+
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        with preserved(self.module), torch.no_grad():
+            yield
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        return _first_output(self.forward(x))
+
+    def drift_sums(self, a: Any, b: Any, classifier: bool) -> tuple[Any, Any, Any]:
+        a, b = a.double(), b.double()
+        agreed = (a.argmax(-1) == b.argmax(-1)).reshape(a.shape[0], -1).all(1).sum() if classifier else None
+        return (b - a).square().sum(), a.square().sum(), agreed
+
+    def forward(self, x: torch.Tensor) -> Any:
+        """The model's output on `x`; a model that refuses the batch is a user error naming the expected input."""
+        try:
+            return self.module(x)
+        except DeadNeuronError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:
+            text = str(error).strip().splitlines()
+            raise DeadNeuronError(
+                f"the model failed on a batch of shape {tuple(x.shape)}: "
+                f"{text[0] if text else type(error).__name__}; {_expected_input(self)}; check the data or "
+                "--input-shape"
+            ) from error
+
+
+def prepare(model: Any, name: str | None, probe: Callable[[int], Probe] = batch_probe) -> TorchRun:
+    """`model` ready to scan: an `ExportedProgram` as a fresh graph module (SineReLUs that `deadneuron swap` wrote
+    out in aten ops folded back into sites), a `torch.compile`d module as its original."""
+    if isinstance(model, torch.export.ExportedProgram):
+        module = model.module()  # a new graph module each call: folding leaves `model` as it was
+        fold_sinerelu(module)
+        run = TorchRun(module, name or "ExportedProgram", probe)
+        run.graph_names, run.unobserved = graph_sites(module)
+        args = model.example_inputs[0] if model.example_inputs else ()
+        if args and isinstance(args[0], torch.Tensor):
+            run.example_shape = tuple(args[0].shape[1:])
+            run.example_dtype = args[0].dtype
+        placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+        value = placeholders[0].meta.get("val") if placeholders else None
+        if isinstance(value, torch.Tensor) and value.ndim and isinstance(value.shape[0], int):
+            run.static_batch = int(value.shape[0])  # exported without a dynamic batch dimension
+            run.warnings.append(
+                f"the program was exported with a static batch of {run.static_batch}: scanned in batches "
+                "of that size (export with a dynamic batch dimension for speed)"
+            )
+        return run
+    if isinstance(model, torch.jit.ScriptModule):
+        raise DeadNeuronError(
+            "TorchScript modules cannot be hooked; expected an nn.Module or a torch.export program: re-export it "
+            "with torch.export.export(model, example_inputs)"
+        )
+    if not isinstance(model, nn.Module):
+        raise DeadNeuronError(f"cannot scan a {type(model).__name__}; expected a torch.nn.Module or an ExportedProgram")
+    original = getattr(model, "_orig_mod", None)
+    if isinstance(original, nn.Module):  # torch.compile: hooks fire only on the original module
+        model = original
+    run = TorchRun(model, name or type(model).__name__, probe)
+    if isinstance(model, torch.fx.GraphModule) and any("nn_module_stack" in node.meta for node in model.graph.nodes):
+        run.graph_names, run.unobserved = graph_sites(model)
+    return run
+
+
+def _device_dtype(module: nn.Module, fallback: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        return tensor.device, fallback or torch.get_default_dtype()
+    return torch.device("cpu"), fallback or torch.get_default_dtype()
+
+
+def _guess_sample_shape(module: nn.Module) -> tuple[int, ...] | None:
+    """One sample's shape when the first layer says it (a Linear); None otherwise."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            return (sub.in_features,)
+        if any(True for _ in sub.parameters(recurse=False)):
+            return None
+    return None
+
+
+def _expected_input(run: TorchRun) -> str:
+    if run.example_shape is not None:
+        return f"expected samples of shape {run.example_shape} (the program's example input)"
+    for sub in run.module.modules():
+        if isinstance(sub, nn.Linear):
+            return (
+                f"the first layer is Linear({sub.in_features}, ...): expected {sub.in_features} features on the "
+                "last axis"
+            )
+        if isinstance(sub, nn.modules.conv._ConvNd):
+            return (
+                f"the first layer is {type(sub).__name__} with {sub.in_channels} input channels: expected "
+                f"(N, {sub.in_channels}, ...)"
+            )
+        if any(True for _ in sub.parameters(recurse=False)):
+            break
+    return "expected inputs the model accepts"
+
+
+@contextmanager
+def preserved(module: nn.Module) -> Iterator[None]:
+    """Eval mode, no transformer fast path; afterwards the model exactly as it was found."""
+    training = [(m, m.training) for m in module.modules()]
+    params = list(module.parameters())
+    requires_grad = [(p, p.requires_grad) for p in params]
+    grads = [(p, p.grad) for p in params]
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
+    try:
+        if mha is not None:
+            mha.set_fastpath_enabled(False)
+        try:
+            module.eval()
+        except NotImplementedError:  # graph modules from torch.export: the mode was fixed at export
+            pass
+        yield
+    finally:
+        if mha is not None and fastpath is not None:
+            mha.set_fastpath_enabled(fastpath)
+        for m, flag in training:
+            m.training = flag
+        for p, flag in requires_grad:
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+        for p, grad in grads:
+            if p.grad is not grad:
+                p.grad = grad
+        with torch.no_grad():
+            for b, saved in buffers:
+                if b.shape == saved.shape:
+                    b.copy_(saved)
+
+
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):
+        out = list(out.values())
+    elif hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
+        return [out.logits]
+    if isinstance(out, (list, tuple)):
+        return [t for item in out for t in output_tensors(item)]
+    return []
+
+
+def _task_loss(
+    kind: str, out: Any, y: torch.Tensor | None, valid: int, probe: Probe, first: bool
+) -> torch.Tensor | None:
+    outputs = output_tensors(out)
+    if not outputs:
+        return None
+    if kind == "probe":
+        total: torch.Tensor | None = None
+        for t, v in zip(outputs, probe(outputs, valid), strict=True):
+            term = (v * t).sum()
+            total = term if total is None else total + term
+        return total
+    if y is None:  # the engine checks that every batch has labels when the first had
+        raise DeadNeuronError(f"--loss {kind} needs labels on every batch; a batch came without labels")
+    main, y = outputs[0][:valid], y[:valid]
+    if kind == "ce":
+        if main.ndim < 2 or tuple(y.shape) != (main.shape[0], *main.shape[2:]):
+            raise DeadNeuronError(
+                f"cross-entropy needs logits (N, C, ...) and class labels (N, ...); received outputs "
+                f"{tuple(main.shape)} and labels {tuple(y.shape)}; pass integer class labels or --loss mse/probe"
+            )
+        if first:
+            low, high = int(y.min()), int(y.max())  # once per scan, not per batch
+            if low < 0 or high >= main.shape[1]:
+                raise DeadNeuronError(
+                    f"labels run from {low} to {high} but the model has {main.shape[1]} outputs; "
+                    f"expected class indices in [0, {main.shape[1] - 1}]"
+                )
+        return F.cross_entropy(main, y.long(), reduction="sum")
+    if y.numel() != main.numel():
+        raise DeadNeuronError(
+            f"targets of shape {tuple(y.shape)} do not fit outputs of shape {tuple(main.shape)}; "
+            "expected one target per output value for --loss mse"
+        )
+    return F.mse_loss(main, y.reshape(main.shape).to(main.dtype), reduction="sum")
+
+
+class TorchWatch:
+    """The hooked sites of one scan, and the step that drives them."""
+
+    def __init__(self, run: TorchRun, watcher: SiteWatcher, loss: ResolvedLoss, probe: Probe) -> None:
+        self.run = run
+        self.watcher = watcher
+        self.loss = loss
+        self.probe = probe
+        self.first = True
+        self.warnings = watcher.warnings  # the watcher's own and the steps' (one list, in order)
+        self.unobserved = watcher.unobserved
+
+    def step(self, batch: Batch) -> None:
+        x, y, valid = batch.x, batch.y, batch.valid
+        first, self.first = self.first, False
+        if self.loss == "none":
+            with torch.no_grad(), self.watcher.forward(int(x.shape[0]), valid):
+                self.run.forward(x)
+            return
+        module = self.run.module
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params and not x.is_floating_point():
+            # Integer inputs into a frozen model: no graph would be built. Trainable for this scan only
+            # (`preserved` puts requires_grad back).
+            params = [p for p in module.parameters() if p.is_floating_point()]
+            for p in params:
+                p.requires_grad_(True)
+        leaf = None
+        with torch.enable_grad():
+            if not params and x.is_floating_point():
+                # A frozen model: differentiate with respect to the inputs instead. (With trainable parameters the
+                # inputs are left out: their gradient would cost the first layer's backward-data pass.)
+                leaf = x.detach().requires_grad_(True)
+                x = leaf.clone()  # the model may write into its input in place; a leaf would refuse that
+            with self.watcher.forward(int(x.shape[0]), valid):
+                out = self.run.forward(x)
+            objective = _task_loss(self.loss, out, y, valid, self.probe, first)
+            inputs = ([leaf] if leaf is not None else []) + params
+            if objective is None or not objective.requires_grad or not inputs:
+                message = "no gradient taken: the model's output does not depend on anything differentiable"
+                if message not in self.warnings:
+                    self.warnings.append(message)
+                return
+            torch.autograd.grad(objective, inputs, allow_unused=True)
+
+    def sites(self) -> list[SiteInfo]:
+        return self.watcher.collect_infos()
+
+    def accumulators(self) -> list[SiteAccumulator]:
+        return list(self.watcher.accumulators.values())
+
+    def collect(self, accumulators: list[Any]) -> list[tuple[SiteInfo, SiteStats]]:
+        return collect(accumulators)
+
+
+def _first_output(out: Any) -> torch.Tensor:
+    outputs = output_tensors(out)
+    if not outputs:
+        raise DeadNeuronError("the model returns no floating-point tensor; expected outputs to compare")
+    return outputs[0]
+
+
+def train(model: Any, batches: Iterator[Batch], *, loss: ResolvedLoss, lr: float, seed: int) -> nn.Module:
+    """A copy of `model` trained one Adam step per batch, in train mode where the model allows it (a torch.export
+    graph keeps the mode it was exported in), with `seed` for anything random in the forward pass (dropout)."""
+    module = copy_model(model.module() if isinstance(model, torch.export.ExportedProgram) else model)
+    for p in module.parameters():
+        if p.is_floating_point():
+            p.requires_grad_(True)
+    try:
+        module.train()
+    except NotImplementedError:  # a torch.export graph: the mode was fixed at export
+        pass
+    run = TorchRun(module, type(module).__name__)
+    optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for batch in batches:
+            out = run.output(batch.x)[: batch.valid]
+            y = batch.y[: batch.valid]
+            if loss == "ce":
+                value = F.cross_entropy(out, y.long())
+            else:
+                value = F.mse_loss(out, y.reshape(out.shape).to(out.dtype))
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            optimizer.step()
+    return module
+
+
+@dataclass(frozen=True)
+class TorchBackend:
+    """The engine's PyTorch primitives; `probe` makes the gradient probe from a seed (distributed scans pass
+    one that draws by global sample position)."""
+
+    probe: Callable[[int], Probe] = batch_probe
+    framework: str = "torch"
+    no_sites: str = (
+        "no activation sites ran: the model calls none of the activations deadneuron knows "
+        "(ReLU family, GELU, SiLU, ... as modules or functions)"
+    )
+
+    def prepare(self, model: Any, name: str | None) -> TorchRun:
+        return prepare(model, name, self.probe)
+
+    def load_model(self, path: str, **options: Any) -> Any:
+        return load_model(path, **options)
+
+    def swap_for_scan(self, model: Any, options: SwapOptions) -> Any:
+        return swap_for_scan(model, options)
+
+    def train(self, model: Any, batches: Iterator[Batch], *, loss: ResolvedLoss, lr: float, seed: int) -> Any:
+        return train(model, batches, loss=loss, lr=lr, seed=seed)
+
+    def swap(self, model: Any, options: SwapOptions) -> Any:
+        return swap_model(model, options)
+
+    def swap_file(self, model: Any, output: str, options: SwapOptions) -> int:
+        return swap_file(model, output, options)
+
+
+BACKEND = TorchBackend()
