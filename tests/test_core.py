@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from deadneuron.report import REPORT_SCHEMA, Report, SiteInfo
 from deadneuron.core.stats import FIELDS, SiteStats
+from deadneuron.report import REPORT_SCHEMA, Report, SiteInfo
 from deadneuron.report.html import to_html
 
 

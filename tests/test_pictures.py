@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from deadneuron.cli import main
+from deadneuron.core.stats import SiteStats
 from deadneuron.core.window import WindowTracker
 from deadneuron.report import Comparison, Report, SiteInfo
 from deadneuron.report.html import to_html
 from deadneuron.report.text import firing_bar, render_text
-from deadneuron.stats import SiteStats
 from tests.test_core import stats_from_activations
 
 ROOT = Path(__file__).resolve().parents[1]

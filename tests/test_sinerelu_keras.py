@@ -34,10 +34,10 @@ from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra.numpy import array_shapes, arrays  # noqa: E402
 
 from deadneuron import DeadNeuronError, sinerelu_reference  # noqa: E402
+from deadneuron.core.sinerelu import Form, sinerelu_grad_reference  # noqa: E402
 from deadneuron.keras import SineReLU, custom_objects, sinerelu  # noqa: E402
 from deadneuron.keras.loading import load_model  # noqa: E402
 from deadneuron.keras.sinerelu import GRAPH_MIN_ELEMENTS, _generic_kernel  # noqa: E402
-from deadneuron.core.sinerelu import Form, sinerelu_grad_reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EPSILONS = (0.0, 0.0025, 0.025, 0.25, 0.9)  # 0.9: eps*sqrt(2) > 1, the max form's other backward rule
