@@ -1,8 +1,11 @@
-"""What DeadNeuronMonitor with default settings costs a training step (issue 8 target: at most 5%).
+"""What DeadNeuronMonitor with default settings costs a training step (target: at most 5%), in each usage.
 
 Blocks of `--steps` training steps (a window of the default size: its hooks, sampled steps and one window end),
-bare and monitored, interleaved for `--rounds` rounds; the figure is the median per-step time of each and the
-ratio of the medians, plus the median of the per-round ratios. Run: `python benchmarks/monitor.py`.
+bare and monitored, interleaved for `--rounds` rounds (the order rotates each round). Monitored usages: the loop
+calls `monitor.step()` ("step() calls"); the loop has no monitor call and the monitor counts training forwards
+("no calls"); the monitor counts `optimizer.step()`s (`optimizer=`). The figure is the median per-step time of each
+and the ratio of the medians to the bare loop's, plus the median of the per-round ratios.
+Run: `python benchmarks/monitor.py`.
 """
 
 from __future__ import annotations
@@ -32,22 +35,27 @@ def cnn() -> tuple[nn.Module, torch.Tensor]:
     return model, torch.randn(64, 1, 8, 8)
 
 
+USAGES = {"step": "step() calls", "forward": "no calls", "optimizer": "optimizer="}
+
+
 def block(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, steps: int,
-          monitored: bool) -> float:
-    monitor = DeadNeuronMonitor(model) if monitored else None
-    if monitor is not None:
-        monitor.start()
+          usage: str | None) -> float:
+    """Seconds per training step over `steps` steps, bare (`usage=None`) or monitored in one of USAGES."""
+    monitor = None
+    if usage is not None:
+        monitor = DeadNeuronMonitor(model, optimizer=opt if usage == "optimizer" else None).start()
+    calls = usage == "step"
     start = time.perf_counter()
     for _ in range(steps):
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if monitor is not None:
-            monitor.step()
+        if calls:
+            monitor.step()  # type: ignore[union-attr]
     elapsed = time.perf_counter() - start
     if monitor is not None:
-        monitor.stop()
+        monitor.stop(close=False)
     return elapsed / steps
 
 
@@ -60,30 +68,36 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), every={DEFAULT_EVERY}, window={DEFAULT_WINDOW}, "
           f"{args.steps} steps a block, {args.rounds} interleaved rounds")
-    print("| model | bare step (ms, median) | monitored step (ms, median) | ratio of medians "
+    print("| model | usage | bare step (ms, median) | monitored step (ms, median) | ratio of medians "
           "| median per-round ratio |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
     accounts: list[tuple[str, tuple[float, float, float, float]]] = []
+    variants: list[str | None] = [None, *USAGES]
     for name, build in (("MLP 20-64-32-10, batch 64", mlp), ("CNN 1-8-16 conv, 8x8, batch 64", cnn)):
         torch.manual_seed(0)
         model, x = build()
         y = torch.randint(0, 10, (x.shape[0],))
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        block(model, x, y, opt, 200, False)  # warm-up
-        block(model, x, y, opt, 200, True)
-        bare, watched, ratios = [], [], []
+        for usage in variants:  # warm-up
+            block(model, x, y, opt, 200, usage)
+        times: dict[str | None, list[float]] = {usage: [] for usage in variants}
+        ratios: dict[str, list[float]] = {usage: [] for usage in USAGES}
         for r in range(args.rounds):
-            order = (False, True) if r % 2 == 0 else (True, False)
-            times = {m: block(model, x, y, opt, args.steps, m) for m in order}
-            bare.append(times[False])
-            watched.append(times[True])
-            ratios.append(times[True] / times[False])
-        b, w = statistics.median(bare), statistics.median(watched)
-        print(f"| {name} | {1e3 * b:.3f} | {1e3 * w:.3f} | {w / b:.3f} | {statistics.median(ratios):.3f} |")
+            order = variants[r % len(variants):] + variants[: r % len(variants)]
+            measured = {usage: block(model, x, y, opt, args.steps, usage) for usage in order}
+            for usage, seconds in measured.items():
+                times[usage].append(seconds)
+            for usage in USAGES:
+                ratios[usage].append(measured[usage] / measured[None])
+        bare = statistics.median(times[None])
+        for usage, label in USAGES.items():
+            watched = statistics.median(times[usage])
+            print(f"| {name} | {label} | {1e3 * bare:.3f} | {1e3 * watched:.3f} | {watched / bare:.3f} "
+                  f"| {statistics.median(ratios[usage]):.3f} |")
         accounts.append((name, accounting(model, x, y, opt, args.rounds)))
-    print("\nPer-step accounting: one monitor left running, each step timed by its position in the sampling cycle;")
-    print("the extra of a cycle is what its attaching, hooked and following steps cost over an unhooked step;")
-    print("the cost adds one window end per window.")
+    print("\nPer-step accounting (step() calls): one monitor left running, each step timed by its position in the")
+    print("sampling cycle; the extra of a cycle is what its attaching, hooked and following steps cost over an")
+    print("unhooked step; the cost adds one window end per window.")
     print("| model | unhooked step (us) | hooked step (us) | cycle extra (us) | window end (us) | cost |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, (plain, hooked, extra, end) in accounts:
@@ -116,7 +130,7 @@ def accounting(
     start = time.perf_counter()
     monitor._end_window()  # noqa: SLF001 (what a window end costs, timed alone: the first one holds the data)
     end = 1e6 * (time.perf_counter() - start)
-    monitor.stop()
+    monitor.stop(close=False)
     # The positions that differ by construction: the step whose step() attaches the hooks, the hooked step and
     # the step after it (detached in the hooked step's step(), cold caches); the other 197 only add noise.
     extra = medians[-2] + medians[-1] + medians[0] - 3 * plain

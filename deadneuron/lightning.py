@@ -7,10 +7,13 @@ Importing this module imports lightning; `import deadneuron` does not. A thin wr
 - A step is one training batch: `on_train_batch_end` calls `monitor.step()`. The forward pass of a sampled batch is
   observed from `on_train_batch_start` to `on_before_backward`, so `training_step` may call `self(x)` or any
   submodule; the backward that Lightning runs fills the gradient statistics.
-- At each window end it logs through `pl_module.log` (on_step, identical values on every rank, so no sync):
+- At each window end it logs through `pl_module.log` (identical values on every rank, so no sync):
   `deadneuron/dead_fraction`, `deadneuron/dormant_fraction`, `deadneuron/grad_dead_fraction` and, with
-  `log_per_site=True`, `deadneuron/dead_fraction/<site>`. Lightning writes step metrics to the logger only on
-  steps that are multiples of `Trainer(log_every_n_steps=...)`: keep `window` a multiple of it (checked at setup).
+  `log_per_site=True`, `deadneuron/dead_fraction/<site>`. Windows end every `window` batches (logged on_step;
+  Lightning writes step metrics to the logger only on steps that are multiples of `Trainer(log_every_n_steps=...)`,
+  so keep `window` a multiple of it, checked at setup) and at each epoch's end, where the partial window is closed
+  and logged on_epoch, so a run shorter than a window reports too. `on_train_end` closes what is left (a run that
+  stopped mid-epoch) into `report` and the history, without logging (Lightning refuses logs there).
 - Statistics are combined across ranks at window ends; the text report (log line, alert) comes from rank zero.
 - `state_dict`/`load_state_dict`: a checkpoint keeps the window in progress (step counter, statistics combined
   across ranks, the previous window's dead units), so a resumed run ends its window where the first would have.
@@ -26,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from .core.window import figures
 from .report import Report
+from .report.history import History
 from .torch.distributed import all_reduce_sites, is_distributed, rank_zero
 from .torch.monitor import DEFAULT_EVERY, DEFAULT_WINDOW, DeadNeuronMonitor, batch_size_of, check_options
 
@@ -99,9 +103,23 @@ class DeadNeuronCallback(Callback):
         if self.monitor is not None:
             self.monitor.start()
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is not None and self.monitor.running:
+            report = self.monitor.close_window()
+            if report is not None:
+                self._log(pl_module, report, on_step=False)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is not None and self.monitor.running:
+            self.monitor.close_window()
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.monitor is not None:
-            self.monitor.stop()
+            self.monitor.stop(close=False)  # on_train_end closed it; after an error, the window stays as it is
+
+    def history(self) -> History | None:
+        """The figures of every window of the run (`deadneuron.report.html.to_html` draws them)."""
+        return self.monitor.history() if self.monitor is not None else None
 
     # steps ------------------------------------------------------------------------------------------------------
     def on_train_batch_start(
@@ -123,10 +141,10 @@ class DeadNeuronCallback(Callback):
         if report is not None:
             self._log(pl_module, report)
 
-    def _log(self, pl_module: pl.LightningModule, report: Report) -> None:
+    def _log(self, pl_module: pl.LightningModule, report: Report, *, on_step: bool = True) -> None:
         per_site = ("dead_fraction",) if self.log_per_site else ()
         for key, value in figures(report, prefix="deadneuron/", per_site=per_site).items():
-            pl_module.log(key, value, on_step=True, on_epoch=False, logger=True, sync_dist=False)
+            pl_module.log(key, value, on_step=on_step, on_epoch=not on_step, logger=True, sync_dist=False)
 
     # state for resuming -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

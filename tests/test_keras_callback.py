@@ -112,6 +112,11 @@ def test_history_equals_a_scan_after_each_epoch() -> None:
     assert callback.last_report is callback.reports[2]
     assert callback.last_report.layer("hidden2").dead > 0
     assert history["dead_fraction"][-1] > len(PINNED) / 48
+    # The history the over-time chart draws holds the same figures, per site for all three fractions.
+    figures = callback.history()
+    assert figures.series("dead_fraction") == ([0, 1, 2], history["dead_fraction"])
+    assert figures.series("dead_fraction", "hidden2")[1] == history["dead_fraction/hidden2"]
+    assert figures.series("dormant_fraction", "hidden")[1][0] == callback.reports[0].layer("hidden").dormant_fraction
 
 
 def test_training_is_unchanged_by_the_scans() -> None:

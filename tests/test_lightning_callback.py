@@ -14,7 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pl = pytest.importorskip("lightning.pytorch")
-from torch.utils.data import DataLoader  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import deadneuron  # noqa: E402
 from deadneuron.lightning import DeadNeuronCallback  # noqa: E402
@@ -93,6 +93,25 @@ def test_trainer_logs_the_keys_and_they_match_a_scan(tmp_path):
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules()) == 0
 
 
+def test_a_run_shorter_than_a_window_logs_at_each_epoch_end(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    callback = DeadNeuronCallback()  # defaults: one batch in 200 observed, windows of 1000
+    trainer = _trainer(tmp_path, callback, max_epochs=2, logger=CSVLogger(str(tmp_path), name="run"))
+    trainer.fit(Lit(), DataLoader(data(1024), batch_size=16))  # 2 epochs of 64 batches: 128 steps
+    assert callback.monitor.steps == 128
+    rows = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")))
+    logged = [row for row in rows if row.get("deadneuron/dead_fraction")]
+    # Epoch 1 observed its first batch and is logged at its end; epoch 2 observed none (it stays open).
+    assert len(logged) == 1 and logged[0]["step"] == "63"
+    for key in ("deadneuron/dormant_fraction", "deadneuron/grad_dead_fraction"):
+        assert 0.0 <= float(logged[0][key]) <= 1.0
+    assert callback.report.samples == 16
+    history = callback.history()
+    assert [window.step for window in history.windows] == [64]
+    assert history.series("dead_fraction") == ([64], [float(logged[0]["deadneuron/dead_fraction"])])
+
+
 def test_window_not_on_a_logging_step_is_flagged_at_setup(tmp_path):
     callback = DeadNeuronCallback(every=1, window=3)
     with pytest.warns(UserWarning, match="make window a multiple of 2"):
@@ -102,7 +121,10 @@ def test_window_not_on_a_logging_step_is_flagged_at_setup(tmp_path):
 def test_resume_keeps_the_window(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    loader = DataLoader(data(96), batch_size=16)  # 6 batches an epoch
+    # 16 equal batches an epoch: the runs stop mid-epoch (an epoch's end closes a window), and the resumed run,
+    # which restarts the epoch's batches (the loader is not resumable), sees what the uninterrupted one saw.
+    x, y = data(16).tensors
+    loader = DataLoader(TensorDataset(x.repeat(16, 1), y.repeat(16)), batch_size=16)
     whole = DeadNeuronCallback(every=1, window=8)
     _trainer(tmp_path / "whole", whole, max_steps=8).fit(Lit(), loader)
 
@@ -113,7 +135,7 @@ def test_resume_keeps_the_window(tmp_path):
         enable_model_summary=False, logger=False, log_every_n_steps=1,
     )
     trainer.fit(Lit(), loader)
-    assert first.report is None and first.monitor.steps == 6
+    assert first.monitor.steps == 6 and first.report.samples == 96  # closed when training ended
     (path,) = (tmp_path / "ckpt").glob("*.ckpt")
     resumed = DeadNeuronCallback(every=1, window=8)
     _trainer(tmp_path / "resumed", resumed, max_steps=8).fit(Lit(), loader, ckpt_path=str(path))

@@ -179,6 +179,93 @@ def test_sampling_observes_only_sampled_steps_and_unhooks_the_rest():
     _assert_same(report, _scan(model, batches[::3]))
 
 
+def _train_counting(model, monitor, batches, usage: str, lr: float = 0.0, accumulate: int = 1):
+    """Train without monitor.step() ("forward", "optimizer") or with it ("step", "both": optimizer= and step())."""
+    opt = monitor.optimizer if monitor.optimizer is not None else torch.optim.SGD(model.parameters(), lr=lr)
+    for x, y in batches:
+        opt.zero_grad()
+        for part in range(accumulate):
+            F.cross_entropy(model(x[part::accumulate]), y[part::accumulate]).backward()
+        opt.step()
+        if usage in ("step", "both"):
+            monitor.step()
+        model.eval()
+        with torch.no_grad():
+            model(x)  # validation: never a step, never observed
+        model.train()
+
+
+@pytest.mark.parametrize("usage", ["step", "forward", "optimizer", "both"])
+def test_steps_count_themselves_with_or_without_step_calls(usage):
+    model = _model("mlp")
+    batches = _batches("mlp", 9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0) if usage in ("optimizer", "both") else None
+    with DeadNeuronMonitor(model, every=3, window=9, optimizer=opt) as monitor:
+        _train_counting(model, monitor, batches, usage)
+    assert monitor.steps == 9 and monitor.windows == 1  # no step counted twice, none missed
+    report = monitor.report()
+    assert report.samples == 3 * 32
+    _assert_same(report, _scan(model, batches[::3]))
+    assert _hooks(model) == 0
+
+
+def test_with_an_optimizer_accumulated_forwards_are_one_step():
+    model = _model("mlp")
+    batches = _batches("mlp", 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with DeadNeuronMonitor(model, every=2, window=4, optimizer=opt) as monitor:
+        _train_counting(model, monitor, batches, "optimizer", accumulate=2)
+    assert monitor.steps == 4
+    _assert_same(monitor.report(), _scan(model, batches[::2]))
+
+
+def test_a_short_run_reports_at_exit_and_close_window_ends_a_window_early():
+    model = _model("mlp")
+    with DeadNeuronMonitor(model, every=2, window=1000) as monitor:
+        _train_counting(model, monitor, _batches("mlp", 3), "forward")
+        early = monitor.close_window()
+        assert early is not None and early.samples == 64 and monitor.windows == 1
+        assert monitor.close_window() is None  # nothing since
+        _train_counting(model, monitor, _batches("mlp", 3), "forward")
+    assert monitor.steps == 6 and monitor.windows == 2  # the exit closed the second window
+    assert monitor.report().samples == 32  # step 4 of steps 3-5 was observed
+    assert [window.step for window in monitor.history().windows] == [3, 6]
+
+
+def test_without_step_calls_tensorboard_gets_every_window(tmp_path):
+    """Some hundred steps of a model with forced dead units, no step() call: the event files, read back with
+    tensorboard's own reader, hold each window's fractions in total and per site and the firing histograms."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    model = _model("mlp")
+    writer = SummaryWriter(str(tmp_path))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with DeadNeuronMonitor(model, every=20, window=100, writer=writer):
+        for x, y in _batches("mlp", 300, size=16):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    writer.close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    tags = events.Tags()
+    for site, units in (("act", 64), ("relu()", 32)):
+        for fraction in ("dead_fraction", "dormant_fraction", "grad_dead_fraction"):
+            assert [e.step for e in events.Scalars(f"deadneuron/{fraction}/{site}")] == [100, 200, 300]
+        dead = [e.value for e in events.Scalars(f"deadneuron/dead_fraction/{site}")]
+        if site == "act":  # the forced units stay dead: no gradient reaches their weights
+            assert all(value >= len(DEAD) / units - 1e-7 for value in dead)
+        histogram = events.Histograms(f"deadneuron/firing_rate/{site}")
+        assert [h.step for h in histogram] == [100, 200, 300]
+        assert histogram[0].histogram_value.num == units  # one entry per unit
+    total = events.Scalars("deadneuron/dead_fraction")
+    assert [e.step for e in total] == [100, 200, 300] and total[0].value >= len(DEAD) / 96 - 1e-7
+    assert {"deadneuron/dormant_fraction", "deadneuron/grad_dead_fraction"} <= set(tags["scalars"])
+
+
 def test_validation_forwards_are_not_training_forwards():
     model = _model("mlp")
     batches = _batches("mlp", 2)
@@ -241,10 +328,10 @@ def test_state_round_trip_keeps_the_window(tmp_path):
         _train(whole, reference, batches, lr=0.0)
 
     model = _model("mlp")
+    path = tmp_path / "state.pt"
     with DeadNeuronMonitor(model, every=2, window=10) as first:
         _train(model, first, batches[:5], lr=0.0)
-    path = tmp_path / "state.pt"
-    torch.save(first.state_dict(), path)
+        torch.save(first.state_dict(), path)  # a checkpoint during training (the exit closes the window)
     state = torch.load(path, weights_only=True)  # plain values only
     resumed = DeadNeuronMonitor(model, every=2, window=10)
     resumed.load_state_dict(state)

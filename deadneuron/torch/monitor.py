@@ -4,19 +4,19 @@ It reuses the scan's machinery: `SiteWatcher` (module hooks, a `TorchFunctionMod
 hooks on the pre-activations) and `SiteAccumulator` (per-unit sums and maxima on the device). Only the driving
 differs: the scan runs its own forward and backward passes; the monitor observes the user's.
 
-- A step ends when the user calls `monitor.step()` (after `optimizer.step()`). Explicit, and robust to gradient
-  accumulation, several forward calls per step and validation in between.
-- Sampling: hooks are attached only for sampled steps (step k, counted from 0, is sampled when k % every == 0):
-  `step()` attaches them before a sampled step and takes them off after it, so unsampled steps run the bare model.
-  The figures describe the sampled steps only: a unit counted dead may have fired on an unsampled step. `every=1`
-  observes every step (exact accounting, at the cost of hooks on every step).
-- A forward pass is observed when the model's root module runs in train mode with autograd on (validation in eval
-  mode or under `no_grad` is not a training forward). Its gradient statistics come from the user's own
-  `loss.backward()` through tensor hooks registered in that forward: the monitor runs no pass of its own.
-- A window is `window` steps. At its end (inside `step()`), and only then, statistics go to the host: they are
-  reduced across ranks when torch.distributed is initialised, turned into a `Report` (the same as a scan's), compared
-  with the previous window (units that newly died or revived), logged, written to TensorBoard, checked against
-  `alert`. Nothing in the hooks or in `step()` between window ends synchronises with the device.
+- Steps count themselves. With `optimizer=`, a step ends at each `optimizer.step()` (its step post-hook), which
+  is right with gradient accumulation too. Without, a step ends when the next training forward of the model begins
+  (a forward pre-hook on the model as passed, which costs one Python call per forward), and the last one at the
+  monitor's exit. Calling `monitor.step()` (after `optimizer.step()`) instead is explicit and robust to several
+  forward calls per step: from the first call on, the monitor counts only those calls (never a step twice).
+- Sampling: hooks are attached only for sampled steps (step k, from 0, when k % every == 0), from the end of the
+  step before to the end of that step; unsampled steps run the bare model. The figures describe the sampled steps
+  only. A forward is observed when the model runs in train mode with autograd on; its gradient statistics come
+  from the user's own `loss.backward()` through tensor hooks registered in it: the monitor runs no pass of its own.
+- A window ends every `window` steps, at `close_window()` (the Lightning callback calls it at epoch ends) and at
+  the monitor's exit, so short runs report too. Only then do statistics go to the host: reduced across ranks
+  under torch.distributed, built into a `Report`, handed to the window tracker (died/revived, alert), logged and
+  written to the writer. Nothing between window ends synchronises with the device.
 - Wrapped models: DDP/DataParallel are hooked through `.module`, torch.compile'd ones through `._orig_mod`. Hooks do
   not fire inside compiled code, so sampled steps run under `torch.compiler.set_stance("force_eager")` (whenever
   torch._dynamo is loaded): the compiled model runs its original eager code for those steps only, and compiled
@@ -133,9 +133,16 @@ class DeadNeuronMonitor:
         gradients: bool = True,
         unit_axis: int | None = None,
         name: str | None = None,
+        optimizer: Any = None,
     ) -> None:
         check_options(every=every, window=window, alert=alert, atol=atol, gtol=gtol)
+        if optimizer is not None and not callable(getattr(optimizer, "register_step_post_hook", None)):
+            raise DeadNeuronError(
+                f"optimizer must be a torch.optim.Optimizer (it ends each step); received {type(optimizer).__name__}"
+            )
+        self.model = model  # as passed: its forward calls are what the monitor counts without an optimizer
         self.module, self.compiled = unwrap(model)
+        self.optimizer = optimizer
         self.every = every
         self.window = window
         self.writer = writer
@@ -146,6 +153,12 @@ class DeadNeuronMonitor:
         self.unit_axis = unit_axis
         self.name = name or type(self.module).__name__
         self.steps = 0  # completed steps
+        self._window_start = 0  # the step the window in progress began at
+        self._explicit = False  # the user calls step(): count only those calls
+        self._forwarded = False  # a training forward ran in the step in progress
+        self._counting: Any = None  # the step counter's hook handle
+        self._counted_report: Report | None = None  # the window the optimizer's hook ended at the first step() call
+        self._counted = False  # the optimizer's hook ended the step in progress (see step())
         self.last_report: Report | None = None
         self.last_changes: WindowChanges | None = None
         self._tracker = WindowTracker(self.name, axis="step", alert=alert)
@@ -162,8 +175,8 @@ class DeadNeuronMonitor:
     def __enter__(self) -> DeadNeuronMonitor:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def __exit__(self, kind: object, *exc: object) -> None:
+        self.stop(close=kind is None)  # after an error, leave the window open (and readable) as it is
 
     def start(self) -> DeadNeuronMonitor:
         if self._running:
@@ -175,14 +188,26 @@ class DeadNeuronMonitor:
         self._watcher.paused = True
         self._restore_pending()
         self._running = True
+        if self.optimizer is not None:
+            self._counting = self.optimizer.register_step_post_hook(self._on_optimizer_step)
+        elif not self._explicit:
+            self._counting = self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
         if self._sampled(self.steps):
             self._attach()
         return self
 
-    def stop(self) -> None:
-        """Take every hook off and put torch.compile's stance back; may run twice. Statistics stay readable."""
-        self._running = False
-        self._detach()
+    def stop(self, *, close: bool = True) -> None:
+        """End the step and the window in progress (unless `close=False`), take every hook off and put
+        torch.compile's stance back; may run twice. Statistics stay readable."""
+        try:
+            if close and self._running:
+                self.close_window()
+        finally:
+            self._running = False
+            counting, self._counting = self._counting, None
+            if counting is not None:
+                counting.remove()
+            self._detach()
 
     def _attach(self) -> None:
         watcher = self._require_watcher()
@@ -232,10 +257,12 @@ class DeadNeuronMonitor:
         if scope is not None:
             scope.__exit__(None, None, None)
 
-    def _root_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self._scope is not None or not (module.training and torch.is_grad_enabled()):
+    def _root_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> None:
+        # Also called by _on_forward: a hook registered while the model's pre-hooks run takes effect at its next
+        # call only, and one removed then still runs once (without its kwargs).
+        if not self._attached or self._scope is not None or not (module.training and torch.is_grad_enabled()):
             return
-        self._open(_first_batch_size([*args, *kwargs.values()]), "root")
+        self._open(_first_batch_size([*args, *(kwargs or {}).values()]), "root")
 
     def _root_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if self._scope_owner == "root":
@@ -256,14 +283,42 @@ class DeadNeuronMonitor:
     def _sampled(self, step: int) -> bool:
         return step % self.every == 0
 
+    def _on_forward(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """The step counter without an optimizer: a training forward of the model begins a step, ending the one
+        before it if that one had a training forward."""
+        if not (self.module.training and torch.is_grad_enabled()):
+            return
+        if self._forwarded:
+            self._end_step()
+        self._forwarded = True
+        if model is self.module:
+            self._root_pre(model, args, kwargs)
+
+    def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self._explicit:
+            self._counted_report = self._end_step()
+            self._counted = True
+
     def step(self) -> Report | None:
-        """End a training step (call it after `optimizer.step()`); returns the window's Report when a window ended."""
+        """End a training step (call it after `optimizer.step()`); returns the window's Report when a window ended.
+        Optional: without calls the monitor counts steps itself; from the first call on it counts only calls."""
         if not self._running:
             raise DeadNeuronError(
                 "monitor.step() called on a monitor that is not running; use `with DeadNeuronMonitor(model) as m:` "
                 "or call m.start() before training"
             )
+        if not self._explicit:
+            self._explicit = True
+            if self.optimizer is None and self._counting is not None:
+                self._counting.remove()
+                self._counting = None
+            if self._counted:  # the optimizer's hook already ended this step
+                return self._counted_report
+        return self._end_step()
+
+    def _end_step(self) -> Report | None:
         self.end_forward()
+        self._forwarded = self._counted = False
         self.steps += 1
         report = self._end_window() if self.steps % self.window == 0 else None
         sampled = self._sampled(self.steps)
@@ -322,10 +377,19 @@ class DeadNeuronMonitor:
         """Completed windows."""
         return self._tracker.windows
 
+    def close_window(self) -> Report | None:
+        """End the window in progress now (at an epoch's end, say) and report it as at any window's end; None when
+        none of its steps was observed (it then stays open). The next window still ends on a multiple of `window`."""
+        if self._forwarded and not self._explicit and self.optimizer is None:
+            self._end_step()  # the step in progress is over: nothing else would end it
+        if not self._observed_in(self._window_start, self.steps):
+            return None
+        return self._end_window()
+
     def _end_window(self) -> Report:
-        first = self.steps - self.window
+        first, self._window_start = self._window_start, self.steps
         accumulators = all_reduce_sites(self.accumulators(), atol=self.atol, gtol=self.gtol)
-        report = self._build(accumulators, self._observed_in(first, self.steps), self.window)
+        report = self._build(accumulators, self._observed_in(first, self.steps), self.steps - first)
         if self._watcher is not None:
             self._watcher.accumulators = {}
         self.last_report = report
@@ -370,7 +434,7 @@ class DeadNeuronMonitor:
             accumulators = [self._from_state(s, torch.device("cpu")) for s in self._pending]
         else:
             accumulators = self.accumulators()
-        first = self.windows * self.window
+        first = self._window_start
         return self._build(accumulators, self._observed_in(first, self.steps), self.steps - first)
 
     def changes(self) -> WindowChanges | None:
@@ -387,6 +451,7 @@ class DeadNeuronMonitor:
         return {
             "version": 1,
             "steps": self.steps,
+            "window_start": self._window_start,
             "every": self.every,
             "window": self.window,
             **self._tracker.state_dict(),
@@ -409,6 +474,7 @@ class DeadNeuronMonitor:
                 self.window,
             )
         self.steps = int(state["steps"])
+        self._window_start = int(state.get("window_start", self.steps - self.steps % self.window))
         self._tracker.load_state_dict(state)
         self._pending = [dict(s) for s in state["sites"]] if statistics else []
         if self._watcher is not None:
