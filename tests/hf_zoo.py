@@ -189,12 +189,17 @@ def batches(family: str, n: int = 16, batch_size: int = 8, seq: int = SEQ, seed:
     return out
 
 
-def reference(model: nn.Module, family: str, data: list[dict[str, Any]], seed: int = 1) -> list[dict[str, set[int]]]:
-    """Per FFN activation: the dead, dormant and gradient-dead units on `data`, found with plain hooks."""
+def reference(model: nn.Module, family: str, data: list[dict[str, Any]], seed: int = 1) -> list[dict[str, Any]]:
+    """Per FFN activation: the dead, dormant and gradient-dead units on `data` (sets), found with plain hooks, and
+    `firing_rate`, the fraction of samples (sequences) on which each unit is nonzero at some token."""
     sites = activations(model, family)
     state = [
-        {"fired": torch.zeros(FFN, dtype=torch.bool), "positive": torch.zeros(FFN, dtype=torch.bool),
-         "grad": torch.zeros(FFN, dtype=torch.bool)}
+        {
+            "fired": torch.zeros(FFN, dtype=torch.bool),
+            "positive": torch.zeros(FFN, dtype=torch.bool),
+            "grad": torch.zeros(FFN, dtype=torch.bool),
+            "fired_samples": torch.zeros(FFN),
+        }
         for _ in sites
     ]
 
@@ -212,17 +217,22 @@ def reference(model: nn.Module, family: str, data: list[dict[str, Any]], seed: i
 
     def on_output(k: int):
         def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
-            state[k]["fired"] |= (out.detach().reshape(-1, out.shape[-1]) != 0).any(0)
+            nonzero = out.detach().reshape(samples, -1, out.shape[-1]) != 0  # OPT's rows are batch-major
+            state[k]["fired"] |= nonzero.flatten(0, 1).any(0)
+            state[k]["fired_samples"] += nonzero.any(1).sum(0)
 
         return hook
 
     handles = []
+    samples = total = 0
     generator = torch.Generator().manual_seed(seed)
     try:
         for k, (_, module) in enumerate(sites):
             handles.append(module.register_forward_pre_hook(on_input(k)))
             handles.append(module.register_forward_hook(on_output(k)))
         for batch in data:
+            samples = int(batch["input_ids"].shape[0])
+            total += samples
             out = model(**batch)
             if "labels" in batch:
                 loss = out.loss
@@ -237,7 +247,15 @@ def reference(model: nn.Module, family: str, data: list[dict[str, Any]], seed: i
     def units(mask: torch.Tensor) -> set[int]:
         return set(torch.nonzero(~mask).flatten().tolist())
 
-    return [{"dead": units(s["fired"]), "dormant": units(s["positive"]), "grad_dead": units(s["grad"])} for s in state]
+    return [
+        {
+            "dead": units(s["fired"]),
+            "dormant": units(s["positive"]),
+            "grad_dead": units(s["grad"]),
+            "firing_rate": (s["fired_samples"] / total).numpy(),
+        }
+        for s in state
+    ]
 
 
 def token_ids(n: int, seq: int = SEQ, seed: int = 0) -> torch.Tensor:

@@ -8,17 +8,21 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
+import deadneuron  # noqa: E402
 from deadneuron import DeadNeuronError  # noqa: E402
 from deadneuron.torch.hf import load_pretrained  # noqa: E402
 
 from . import hf_zoo as zoo  # noqa: E402
 from .conftest import ROOT  # noqa: E402
+
+STATES = ("dead", "dormant", "grad_dead")
 
 
 @pytest.fixture(scope="module", params=zoo.FAMILIES)
@@ -42,7 +46,7 @@ def test_the_reference_finds_exactly_the_forced_units(family, built):
     # The zoo's construction and the checker agree: on a random-init model nothing else is silent.
     found = zoo.reference(built, family, zoo.batches(family))
     expected = [{state: set(units) for state, units in layer.items()} for layer in zoo.FORCED[family]]
-    assert found == expected
+    assert [{state: layer[state] for state in STATES} for layer in found] == expected
 
 
 def test_a_saved_directory_loads_with_the_same_outputs(family, built, saved):
@@ -161,3 +165,40 @@ def test_without_transformers_the_message_says_what_to_install(gpt2_dir):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("pip install 'deadneuron[hf]'"), result.stdout
+
+
+KINDS = {"opt": "relu", "gpt2": "gelu_tanh", "bert": "gelu", "llama": "silu"}
+
+
+def _check_against_reference(report, model, family, data):
+    expected = zoo.reference(model, family, data)
+    assert [layer.name for layer in report.layers] == [path for path, _ in zoo.activations(model, family)]
+    assert {layer.kind for layer in report.layers} == {KINDS[family]}
+    assert report.samples == sum(len(batch["input_ids"]) for batch in data)
+    for layer, want in zip(report.layers, expected, strict=True):
+        assert (layer.units, layer.unit_axis) == (zoo.FFN, 2)
+        assert set(layer.dead_units) == want["dead"], layer.name
+        assert set(layer.dormant_units) == want["dormant"], layer.name
+        assert set(layer.grad_dead_units) == want["grad_dead"], layer.name
+        # per-sample quantities are per sequence, also where OPT folds the tokens into the rows
+        np.testing.assert_allclose(layer.stats.firing_rate, want["firing_rate"])
+    assert not report.unobserved
+
+
+def test_scan_of_token_ids_alone(family, built):
+    ids = torch.cat([batch["input_ids"] for batch in zoo.batches(family)])
+    report = deadneuron.scan(built, ids, batch_size=8, loss="probe")
+    _check_against_reference(report, built, family, zoo.batches(family))
+
+
+def test_activation_classes_are_looked_up_never_imported():
+    code = (
+        "import sys, torch, deadneuron\n"
+        "from torch import nn\n"
+        "model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))\n"
+        "report = deadneuron.scan(model, torch.randn(16, 4))\n"
+        "print(len(report.layers), 'transformers' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "False"]

@@ -7,6 +7,7 @@ with a lower bound of exactly 0 and no upper bound (a ReLU spelled as a clamp), 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,9 +19,9 @@ from torch.overrides import handle_torch_function, has_torch_function
 
 # Kinds whose output is > 0 exactly where the pre-activation is > 0 (for positive slopes): "dormant" can be read
 # from the output, which is all that is left after an in-place call.
-SIGN_PRESERVING = frozenset({"relu", "relu6", "leaky_relu", "elu", "celu", "selu"})
+SIGN_PRESERVING = frozenset({"relu", "relu6", "relu2", "leaky_relu", "elu", "celu", "selu"})
 # Kinds whose output is never negative: max |a| is max a.
-NONNEGATIVE = frozenset({"relu", "relu6"})
+NONNEGATIVE = frozenset({"relu", "relu6", "relu2"})
 
 _MODULE_KINDS: dict[type[nn.Module], str] = {
     nn.ReLU: "relu",
@@ -39,6 +40,38 @@ _MODULE_KINDS: dict[type[nn.Module], str] = {
 }
 
 
+# Activation modules of the libraries models come from, by module and class name. They are looked up in
+# `sys.modules` when a scan starts, never imported: a model built by transformers has already imported them.
+# gelu: the erf form; gelu_tanh: the tanh approximations ("gelu_new", "gelu_fast", "gelu_pytorch_tanh");
+# quick_gelu: x * sigmoid(1.702 x); relu2: relu(x)**2 (Primer).
+ECOSYSTEM_KINDS: dict[str, dict[str, str]] = {
+    "transformers.activations": {
+        "GELUActivation": "gelu",
+        "ClippedGELUActivation": "gelu",
+        "NewGELUActivation": "gelu_tanh",
+        "GELUTanh": "gelu_tanh",
+        "PytorchGELUTanh": "gelu_tanh",
+        "FastGELUActivation": "gelu_tanh",
+        "AccurateGELUActivation": "gelu_tanh",
+        "QuickGELUActivation": "quick_gelu",
+        "SiLUActivation": "silu",
+        "MishActivation": "mish",
+        "ReLUSquaredActivation": "relu2",
+    },
+}
+
+
+def _ecosystem_kinds() -> dict[type[nn.Module], str]:
+    kinds: dict[type[nn.Module], str] = {}
+    for module_name, classes in ECOSYSTEM_KINDS.items():
+        module = sys.modules.get(module_name)
+        for class_name, kind in classes.items():
+            cls = getattr(module, class_name, None) if module is not None else None
+            if isinstance(cls, type) and issubclass(cls, nn.Module):
+                kinds[cls] = kind
+    return kinds
+
+
 def _sinerelu_class() -> type[nn.Module] | None:
     """Our SineReLU module, imported lazily; None while `deadneuron.torch.sinerelu` is not there."""
     try:
@@ -50,6 +83,7 @@ def _sinerelu_class() -> type[nn.Module] | None:
 
 def module_kinds() -> dict[type[nn.Module], str]:
     kinds = dict(_MODULE_KINDS)
+    kinds.update(_ecosystem_kinds())
     sinerelu = _sinerelu_class()
     if sinerelu is not None:
         kinds[sinerelu] = "sinerelu"

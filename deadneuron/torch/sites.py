@@ -52,13 +52,22 @@ _OUTPUT_DERIVATIVE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-class _Token:
-    __slots__ = ("acc", "output_grad", "valid")
+_UNOBSERVED = -1  # `SiteWatcher._tokens`: the site's layout is not one a scan can read
 
-    def __init__(self, acc: SiteAccumulator, output_grad: bool, valid: int) -> None:
+
+class _Token:
+    __slots__ = ("acc", "output_grad", "valid", "tokens")
+
+    def __init__(self, acc: SiteAccumulator, output_grad: bool, valid: int, tokens: int | None) -> None:
         self.acc = acc
         self.output_grad = output_grad
         self.valid = valid
+        self.tokens = tokens  # rows per sample of a folded (N*L, D) activation, None when axis 0 is the batch
+
+
+def unfold(t: torch.Tensor, tokens: int | None) -> torch.Tensor:
+    """A folded (N*L, D) activation as (N, L, D): rows are batch-major, as `x.reshape(-1, D)` of (N, L, D) gives."""
+    return t if tokens is None else t.unflatten(0, (-1, tokens))
 
 
 class SiteWatcher:
@@ -162,8 +171,10 @@ class SiteWatcher:
         k = self.calls[base]
         return base if k == 1 else f"{base}#{k}"
 
-    def _new_site(self, name: str, kind: str, z: torch.Tensor) -> SiteAccumulator:
-        if self.unit_axis is None:
+    def _new_site(self, name: str, kind: str, z: torch.Tensor, folded: bool) -> SiteAccumulator:
+        if folded:  # (N, L, D) unfolded from (N*L, D) rows: the features are the units whatever produced them
+            axis = 2
+        elif self.unit_axis is None:
             axis = default_unit_axis(z.ndim, self.layout)
         else:
             if not -z.ndim <= self.unit_axis < z.ndim or (z.ndim > 1 and self.unit_axis % z.ndim == 0):
@@ -188,13 +199,31 @@ class SiteWatcher:
         finally:
             self.busy = False
 
+    def _tokens(self, name: str, z: torch.Tensor) -> int | None:
+        """Rows per sample when `z` folds the batch into its first axis ((N*L, D), as OPT's FFN runs), None when
+        its first axis is the batch, `_UNOBSERVED` (and the site is listed as not observed) when neither."""
+        if z.ndim == 0:
+            self._unobserve(name, "a scalar activation has no batch axis")
+            return _UNOBSERVED
+        rows = int(z.shape[0])
+        if self.n is None or rows == self.n:
+            return None
+        if z.ndim == 2 and self.n > 0 and rows > 0 and rows % self.n == 0:
+            return rows // self.n
+        self._unobserve(
+            name, f"its first axis is neither the batch ({self.n}) nor batch x tokens: shape {tuple(z.shape)}"
+        )
+        return _UNOBSERVED
+
     def _before(self, name: str, kind: str, z: torch.Tensor, inplace: bool) -> _Token | None:
-        if z.ndim == 0 or (self.n is not None and z.shape[0] != self.n):
-            self._unobserve(name, f"its first axis is not the batch: shape {tuple(z.shape)}")
+        tokens = self._tokens(name, z)
+        if tokens == _UNOBSERVED:
             return None
         valid = self.valid if self.n is not None else int(z.shape[0])
-        acc = self.accumulators.get(name) or self._new_site(name, kind, z)
-        acc.pre(z, valid)
+        acc = self.accumulators.get(name)
+        if acc is None:
+            acc = self._new_site(name, kind, unfold(z, tokens), tokens is not None)
+        acc.pre(unfold(z, tokens), valid)
         output_grad = False
         if self.gradients:
             if not z.requires_grad:
@@ -210,9 +239,9 @@ class SiteWatcher:
                 else:
                     self._warn(f"gradient of {name} not observed: an in-place {kind} on a view")
             else:
-                z.register_hook(partial(_grad_hook, acc, valid))
+                z.register_hook(partial(_grad_hook, acc, valid, tokens))
                 acc.grad_samples += valid
-        return _Token(acc, output_grad, valid)
+        return _Token(acc, output_grad, valid, tokens)
 
     def after(self, token: _Token | None, out: Any) -> None:
         if token is None or not isinstance(out, torch.Tensor):
@@ -225,7 +254,7 @@ class SiteWatcher:
             self.busy = False
 
     def _after(self, token: _Token, out: torch.Tensor) -> None:
-        token.acc.post(out, token.valid)
+        token.acc.post(unfold(out, token.tokens), token.valid)
         if token.output_grad:
             # The gradient reaches the modified region through the view's base, whether the model goes on
             # with the base or with the view: hook the base and cut the view's region out of its gradient.
@@ -236,6 +265,7 @@ class SiteWatcher:
                         _view_grad_hook,
                         token.acc,
                         token.valid,
+                        token.tokens,
                         out,
                         int(out.storage_offset() - base.storage_offset()),
                     )
@@ -289,17 +319,17 @@ class SiteWatcher:
         return [acc.info for acc in self.accumulators.values()]
 
 
-def _grad_hook(acc: SiteAccumulator, valid: int, grad: torch.Tensor) -> None:
+def _grad_hook(acc: SiteAccumulator, valid: int, tokens: int | None, grad: torch.Tensor) -> None:
     with torch.no_grad():
-        acc.grad(grad, valid)
+        acc.grad(unfold(grad, tokens), valid)
 
 
 def _view_grad_hook(
-    acc: SiteAccumulator, valid: int, out: torch.Tensor, offset: int, grad: torch.Tensor
+    acc: SiteAccumulator, valid: int, tokens: int | None, out: torch.Tensor, offset: int, grad: torch.Tensor
 ) -> None:
     with torch.no_grad():
         region = grad.contiguous().as_strided(out.size(), out.stride(), offset)
-        acc.grad(region * _OUTPUT_DERIVATIVE[acc.info.kind](out), valid)
+        acc.grad(unfold(region * _OUTPUT_DERIVATIVE[acc.info.kind](out), tokens), valid)
 
 
 def _own_ops() -> Any:

@@ -1,0 +1,70 @@
+"""Activations whose first axis folds the batch with the tokens ((N*L, D) rows, as OPT's FFN runs) are sites:
+units on the feature axis, per-sample quantities per sequence; other layouts are listed as not observed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import deadneuron  # noqa: E402
+
+N, L, D, H = 6, 5, 8, 16
+
+
+class FoldedFFN(nn.Module):
+    """Embedding-free token model: (N, L, D) -> rows (N*L, D) -> Linear -> ReLU -> Linear -> (N, L, D)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(D, H)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(H, D)
+        with torch.no_grad():
+            self.fc1.weight[[0, 1]] = 0.0  # dead: pre-activation -1 on every token
+            self.fc1.bias[[0, 1]] = -1.0
+            self.fc1.weight[2] = 0.0  # alive (always 1) but gradient-dead: no outgoing weight
+            self.fc1.bias[2] = 1.0
+            self.fc2.weight[:, 2] = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        return self.fc2(self.act(self.fc1(rows))).view(x.shape)
+
+
+def test_folded_rows_are_a_site_with_per_sequence_statistics():
+    torch.manual_seed(0)
+    model = FoldedFFN().eval()
+    x = torch.randn(N, L, D)
+    report = deadneuron.scan(model, x, batch_size=4)  # batches of 4 and 2 sequences: folds of 20 and 10 rows
+    (layer,) = report.layers
+    assert (layer.name, layer.units, report.samples) == ("act", H, N)
+    assert layer.dead_units == [0, 1] and layer.dormant_units == [0, 1]
+    assert layer.grad_dead_units == [0, 1, 2]
+    # Per-sample quantities are per sequence: a unit fires on a sample when it fires on one of its tokens.
+    with torch.no_grad():
+        out = model.act(model.fc1(x.reshape(-1, D))).reshape(N, L, H)
+    np.testing.assert_allclose(layer.stats.firing_rate, (out != 0).any(1).double().mean(0).numpy())
+    assert layer.inactive_rate == pytest.approx(float((out == 0).double().mean()))
+    assert not report.unobserved
+
+
+class Routed(nn.Module):
+    """Keeps a data-dependent subset of the token rows (as a mixture-of-experts router does): no batch axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(D, H)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, D)
+        return self.act(self.fc(rows[:7])).sum()
+
+
+def test_rows_that_do_not_fold_the_batch_are_listed_as_not_observed():
+    report = deadneuron.scan(Routed(), torch.randn(N, L, D), batch_size=N, loss="none")
+    assert not report.layers
+    assert report.unobserved == ["act (its first axis is neither the batch (6) nor batch x tokens: shape (7, 16))"]
