@@ -20,6 +20,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -123,14 +124,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 9; --quick 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all CPUs)")
     parser.add_argument("--no-keras", action="store_true", help="skip benchmarks/sinerelu_keras.py")
+    parser.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall",
+        help="cpu: the process's CPU time on one thread (steadier on a busy machine); wall: the wall clock (default)",
+    )
     args = parser.parse_args()
     rounds = args.rounds or (3 if args.quick else 9)
     sizes = [1 << 20, 1 << 16] if args.quick else [1 << 24, 1 << 18, 1 << 16]
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    torch.set_num_threads(1 if args.clock == "cpu" else args.threads or os.cpu_count() or 1)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"torch.set_num_threads({torch.get_num_threads()}); float32 standard-normal input, "
+        f"torch.set_num_threads({torch.get_num_threads()}), {args.clock} clock; float32 standard-normal input, "
         f"epsilon {EPSILON}; "
         f"median of {rounds} interleaved rounds; forward under no_grad, forward+backward via autograd.grad; "
         f"fused loops built: {fused.available()}; load average {os.getloadavg()[0]:.1f}"
@@ -152,7 +158,7 @@ def main() -> None:
             steps[f"{name}/fb"] = forward_backward_step(fn, x, upstream)
         for step in steps.values():
             step()  # warm-up
-        result = measure(steps, rounds, target_s=0.0 if size > 1 << 20 else 0.02)
+        result = measure(steps, rounds, target_s=0.0 if size > 1 << 20 else 0.02, clock=clock)
         relu_f, relu_fb, naive_fb = result[f"{RELU}/fwd"], result[f"{RELU}/fb"], result[f"{NAIVE}/fb"]
         for name, fn in VARIANTS.items():
             fwd, fb = result[f"{name}/fwd"], result[f"{name}/fb"]
