@@ -5,7 +5,6 @@ Exit codes: 0 done; 1 `--fail-over` exceeded; 2 bad input, refused file or usage
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import traceback
@@ -366,20 +365,17 @@ def demo(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: user errors become one line on stderr and exit code 2 (`--debug` shows the traceback)."""
+    """Entry point: user errors become one line on stderr and exit code 2 (`--debug` shows the traceback);
+    Ctrl-C is one line and exit 130; TensorFlow's start-up lines stay off stderr (deadneuron.quiet)."""
+    from .quiet import Interrupted, cli_quiet
+
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("DEADNEURON_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
-    if "--no-color" in args:  # accepted anywhere, like --debug; rich honours NO_COLOR (https://no-color.org)
-        args = [a for a in args if a != "--no-color"]
-        os.environ["NO_COLOR"] = "1"
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    # TensorFlow's Python logger warns about tf.function retracing between the two scans of a comparison: noise
-    # for a CLI user. Configured by name, so TensorFlow is not imported for it.
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
     try:
-        # Standalone mode: typer handles usage errors (exit 2) and --help itself and always ends in SystemExit.
-        app(args=args, prog_name="deadneuron")
+        with cli_quiet(silence_imports=not debug):
+            # Standalone mode: typer handles usage errors (exit 2) and --help itself and always ends in SystemExit.
+            app(args=args, prog_name="deadneuron")
     except SystemExit as done:
         code = done.code
         return code if isinstance(code, int) else (0 if code is None else 1)
@@ -388,9 +384,18 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"deadneuron: error: {error}", file=sys.stderr)
         return error.exit_code
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
         print("deadneuron: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        if debug:
+            traceback.print_exc()
+        print(
+            "deadneuron: error: out of memory; expected a model and batches that fit in memory; pass a smaller "
+            "--batch-size or --samples",
+            file=sys.stderr,
+        )
+        return 2
     except Exception as error:  # a bug: still one line for the user, the traceback on request
         if debug:
             traceback.print_exc()

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -186,6 +187,12 @@ def pt2_cases(folder: Path, bombs: bool) -> list[Case]:
     case("non-operator target", edit_program(target("builtins.exec")), message="not a PyTorch compute operator")
     case("operator outside aten", edit_program(target("torch.ops.profiler._record_function_enter.default")),
          message="outside the allowed namespaces")
+    def power_bomb(name: str, data: bytes) -> bytes:
+        if name != "models/model.json":
+            return data
+        return re.sub(rb'"expr_str": "([^"]+)"', rb'"expr_str": "\1 + 0*2**2**2**40"', data, count=1)
+
+    case("shape expression power bomb", power_bomb, message="a power of a power")
     case("AOTInductor native library", add=[("data/aotinductor/model/model.so", native_library(folder, marker))],
          message="AOTInductor")
     case("TorchScript code member", add=[("code/__torch__.py", b"import os\n")], message="TorchScript or Python code")
@@ -321,7 +328,7 @@ def build(folder: Path, *, bombs: bool = True) -> list[Case]:
 
 
 # a report on the current checkout ---------------------------------------------------------------------------------
-def run_child(argv: list[str], timeout: float = 600) -> tuple[int, list[str], int]:
+def run_child(argv: list[str], timeout: float = 300) -> tuple[int, list[str], int]:
     """(exit code, non-empty stderr lines, peak RSS in MiB) of `python -m deadneuron ARGV` in a fresh process."""
     probe = (
         "import resource, subprocess, sys\n"
@@ -330,8 +337,11 @@ def run_child(argv: list[str], timeout: float = 600) -> tuple[int, list[str], in
         "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
     )
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3")}
-    result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=timeout,
-                            env=env)
+    try:
+        result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True,
+                                timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return -1, [f"still running after {timeout:.0f} s: stopped"], 0
     code, rss_kib = result.stdout.split()[-2:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     return int(code), lines, int(rss_kib) // 1024

@@ -38,6 +38,11 @@ def load_model(
     """An `ExportedProgram` for `.pt2`, an `nn.Module` (in eval mode as saved, weights loaded) otherwise."""
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".pt2":
+        if arch is not None:
+            raise DeadNeuronError(
+                f"--arch applies to PyTorch state dicts, but {path} is a torch.export archive, which holds its own "
+                "architecture; drop --arch"
+            )
         return load_exported(path)
     if suffix not in STATE_DICT_SUFFIXES:
         raise DeadNeuronError(
@@ -170,11 +175,9 @@ def build_arch(arch: str) -> nn.Module:
         sys.modules[module_name] = module  # dataclasses and pickling look classes up here
         try:
             spec.loader.exec_module(module)
-        except Exception as error:
+        except (Exception, SystemExit) as error:  # exit() in the user's file too: never a silent exit 0
             sys.modules.pop(module_name, None)
-            raise DeadNeuronError(
-                f"--arch {where} failed to import: {type(error).__name__}: {_first_line(error)}"
-            ) from error
+            raise DeadNeuronError(f"--arch {where} failed to import: {_what_failed(error)}") from error
     else:
         try:
             module = importlib.import_module(where)
@@ -183,6 +186,8 @@ def build_arch(arch: str) -> nn.Module:
                 f"--arch module {where!r} is not importable ({_first_line(error)}); expected an "
                 "installed module or FILE.py:NAME"
             ) from error
+        except (Exception, SystemExit) as error:
+            raise DeadNeuronError(f"--arch module {where!r} failed to import: {_what_failed(error)}") from error
     factory = getattr(module, name, None)
     if factory is None or not callable(factory):
         available = sorted(
@@ -196,10 +201,10 @@ def build_arch(arch: str) -> nn.Module:
         )
     try:
         model = factory()
-    except Exception as error:
+    except (Exception, SystemExit) as error:  # --arch sys:exit must not end the command with exit 0
         raise DeadNeuronError(
-            f"--arch {arch}: calling {name}() failed: {type(error).__name__}: "
-            f"{_first_line(error)}; expected a class or factory that takes no arguments"
+            f"--arch {arch}: calling {name}() failed: {_what_failed(error)}; expected a class or factory that "
+            "takes no arguments and returns a torch.nn.Module"
         ) from error
     if not isinstance(model, nn.Module):
         raise DeadNeuronError(
@@ -253,6 +258,13 @@ def _strip_prefix(
 def _few(items: list[str], n: int = 5) -> str:
     shown = ", ".join(items[:n])
     return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _what_failed(error: BaseException) -> str:
+    """'ModuleNotFoundError: No module named 'x'', or 'it called exit(3)' for a SystemExit."""
+    if isinstance(error, SystemExit):
+        return f"it called exit({error.code!r})"
+    return f"{type(error).__name__}: {_first_line(error)}"
 
 
 def _first_line(error: BaseException, limit: int = 160) -> str:

@@ -78,7 +78,9 @@ _LINE_BREAKS = re.compile("[\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029\x00]")
 
 
 def refuse(where: str, problem: str, fix: str = f"expected {EXPECTED}") -> DeadNeuronError:
-    return DeadNeuronError(f"{where} {problem}; refused (loading it could run code or exhaust memory); {fix}")
+    """'WHERE PROBLEM; refused (...); FIX', the one line for a file the allowlists do not admit."""
+    what = f"{where} {problem}".strip().rstrip(";:,")
+    return DeadNeuronError(f"{what}; refused (loading it could run code or exhaust memory); {fix}")
 
 
 @contextmanager
@@ -124,9 +126,12 @@ _SYMPY_NAMES = frozenset(
     StrictLessThan StrictGreaterThan LessThan GreaterThan Equality Unequality And Or Not Xor Piecewise
     ExprCondPair oo zoo nan true false True False None""".split()
 )
-_SAFE_OPERATORS = frozenset("+ - * / // % ** ( ) , = == != < > <= >= & | ~ ^".split())
 _PLAIN_STRING = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9.eE+\-/]+")
 _SYMBOL_NAME = re.compile(r"[a-z]+[0-9]+")
+# Functions that raise to a power: like `**`, their exponent must be small, or parsing could take forever.
+_POWERS = frozenset({"Pow", "PowByNatural", "FloatPow", "LShift", "RShift"})
+_EXPRESSION_LIMIT = 4096
+_EXPONENT_LIMIT = 64
 
 
 def _shape_function_names() -> frozenset[str]:
@@ -143,35 +148,77 @@ def _shape_function_names() -> frozenset[str]:
 
 
 def _unsafe_expression(text: str) -> str | None:
-    """What makes `text` more than a symbolic-shape expression (an unknown name, attribute access, a
-    string that is not a name or number), or None when it is plain."""
-    import tokenize
+    """What makes `text` more than a symbolic-shape expression, or None when it is plain.
 
-    allowed = _SYMPY_NAMES | _shape_function_names()
+    A strict grammar on Python's own parse of the text: numbers, symbol names, the sympy and torch shape
+    functions, arithmetic and comparisons; no attribute access, no other names, no strings but plain names.
+    Powers take a small literal or a symbol as exponent and do not nest, so parsing cannot blow up
+    (`2**2**2**40` would take forever to evaluate)."""
+    import ast
+
+    if len(text) > _EXPRESSION_LIMIT:
+        return f"{len(text)} characters (more than {_EXPRESSION_LIMIT})"
     try:
-        tokens = [t for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.string.strip()]
-    except (tokenize.TokenError, SyntaxError, IndentationError):
+        tree = ast.parse(text.strip(), mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return "text that does not parse"
-    for i, token in enumerate(tokens):
-        if token.type == tokenize.NAME:
-            keyword = i + 1 < len(tokens) and tokens[i + 1].string == "="
-            if token.string in allowed or _SYMBOL_NAME.fullmatch(token.string):
-                continue
-            if keyword and re.fullmatch(r"[a-z]+", token.string):  # assumptions: positive=True, integer=True
-                continue
-            return f"the name {token.string!r}"
-        if token.type == tokenize.NUMBER:
+    allowed = _SYMPY_NAMES | _shape_function_names()
+
+    def has_power(node: ast.AST) -> bool:
+        return any(
+            (isinstance(n, ast.BinOp) and isinstance(n.op, ast.Pow))
+            or (isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in _POWERS)
+            for n in ast.walk(node)
+        )
+
+    def power_problem(base: ast.AST, exponent: ast.AST) -> str | None:
+        if has_power(base) or has_power(exponent):
+            return "a power of a power"
+        if isinstance(exponent, ast.UnaryOp) and isinstance(exponent.op, (ast.USub, ast.UAdd)):
+            exponent = exponent.operand
+        if isinstance(exponent, ast.Name):
+            return None
+        if isinstance(exponent, ast.Constant) and isinstance(exponent.value, (int, float)):
+            return None if abs(exponent.value) <= _EXPONENT_LIMIT else f"the exponent {exponent.value}"
+        return "a computed exponent"
+
+    binary = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.BitAnd, ast.BitOr)
+    compare = (ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE)
+    for node in ast.walk(tree):
+        unary = (ast.USub, ast.UAdd, ast.Not, ast.Invert)
+        plain = (ast.Expression, ast.Load, ast.keyword, ast.Compare, ast.Tuple)  # tuples: Piecewise's pairs
+        if isinstance(node, (*plain, *binary, *compare, *unary)):
             continue
-        if token.type == tokenize.STRING:
-            body = token.string[1:-1] if token.string[:1] in "'\"" and token.string[-1:] == token.string[:1] else ""
-            if _PLAIN_STRING.fullmatch(body):
-                continue
-            return f"the string {token.string[:40]}"
-        if token.type == tokenize.OP and token.string in _SAFE_OPERATORS:
-            continue
-        if token.type in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER):
-            continue
-        return f"{token.string[:20]!r}"
+        if isinstance(node, ast.BinOp):
+            if not isinstance(node.op, binary):
+                return f"the operator {type(node.op).__name__}"
+            if isinstance(node.op, ast.Pow) and (problem := power_problem(node.left, node.right)):
+                return problem
+        elif isinstance(node, ast.UnaryOp):
+            continue  # its operator is one of `unary` or refused as a node of its own
+        elif isinstance(node, ast.Call):
+            if not isinstance(node.func, ast.Name) or node.func.id not in allowed:
+                return f"a call of {ast.unparse(node.func)[:40]!r}"
+            for keyword in node.keywords:
+                value = keyword.value
+                if not (keyword.arg and re.fullmatch(r"[a-z]+", keyword.arg) and isinstance(value, ast.Constant)
+                        and isinstance(value.value, bool)):
+                    return f"the argument {ast.unparse(keyword)[:40]!r}"
+            if node.func.id in _POWERS and len(node.args) == 2 and (problem := power_problem(*node.args)):
+                return problem
+        elif isinstance(node, ast.Name):
+            if node.id not in allowed and not _SYMBOL_NAME.fullmatch(node.id):
+                return f"the name {node.id!r}"
+        elif isinstance(node, ast.Constant):
+            constant = node.value
+            if isinstance(constant, str) and not _PLAIN_STRING.fullmatch(constant):
+                return f"the string {constant[:40]!r}"
+            if isinstance(constant, int) and not isinstance(constant, bool) and abs(constant) > 2**64:
+                return f"the number {str(constant)[:20]}..."
+            if not isinstance(constant, (str, int, float, type(None))):
+                return f"the constant {constant!r:.40}"
+        else:
+            return f"{type(node).__name__.lower()} syntax"
     return None
 
 
@@ -476,9 +523,9 @@ def check_program_json(document: Any, path: str) -> None:
     for expression in _expressions(document):
         problem = _unsafe_expression(expression)
         if problem:
-            raise refuse(
+            raise DeadNeuronError(
                 f"{path}: the shape expression {expression[:80]!r} holds {problem}, which is not a plain symbolic "
-                "expression;", "torch's loader would evaluate it as Python code"
+                f"expression; refused (torch's loader would evaluate it as Python code); expected {EXPECTED}"
             )
 
 
@@ -567,7 +614,7 @@ def _check_inputs_spec(program: Any, path: str) -> None:
         if node.type is dict:
             for key in node.context:
                 if not (isinstance(key, int) or (isinstance(key, str) and re.fullmatch(r"[A-Za-z0-9_.\-]*", key))):
-                    raise refuse(f"{path}: an input is keyed by {str(key)[:40]!r}", "", EXPECTED)
+                    raise refuse(f"{path}: an input is keyed by {str(key)[:40]!r}", "")
         stack.extend(node.children())
     del pytree
 
@@ -590,6 +637,8 @@ def load(path: str) -> Any:
             _, state_dict = _payloads(archive, members, prefix, "weights", path)
             _, constants = _payloads(archive, members, prefix, "constants", path)
             example_inputs = _sample_inputs(archive, members, path)
+        except RecursionError as error:
+            raise refuse(f"{path} holds JSON nested too deeply", "to read") from error
         except ZIP_ERRORS as error:
             raise DeadNeuronError(
                 f"cannot read {path} as a torch.export archive (corrupt or truncated?): {_first_line(error)}; "
