@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .core.sinerelu import sinerelu_reference
 from .errors import DeadNeuronError
 
 __version__ = "0.1.0"
@@ -26,7 +25,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .api import compare, inspect, load_model, scan, swap
-    from .reference import sinerelu_reference
+    from .core.sinerelu import sinerelu_reference
     from .report import Comparison, LayerReport, Report
 
 _LAZY = {
@@ -38,7 +37,7 @@ _LAZY = {
     "Report": "report",
     "LayerReport": "report",
     "Comparison": "report",
-    "sinerelu_reference": "reference",  # lazy too: numpy alone takes 0.2 s, while Ctrl-C has no handler yet
+    "sinerelu_reference": "core.sinerelu",  # lazy too: numpy alone takes 0.2 s, while Ctrl-C has no handler yet
 }
 
 
