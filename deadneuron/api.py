@@ -13,11 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 from .core import engine
 from .core.compare import compare as compare_with
-from .core.options import ScanOptions, SwapOptions, TuneOptions, scan_options
+from .core.options import SwapOptions, TuneOptions, scan_options, split_options
 from .errors import DeadNeuronError
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from .core.engine import Backend
+    from .core.options import CompareKeywords, LoadKeywords, ScanKeywords, SwapKeywords
     from .report import Comparison, Report, SiteInfo
 
 Progress = Callable[[int], None]
@@ -75,14 +78,12 @@ def backend(framework: str) -> Backend:
         raise
 
 
-def load_model(
-    path: str | os.PathLike[str],
-    *,
-    arch: str | None = None,
-    unsafe_pickle: bool = False,
-    unsafe_deserialization: bool = False,
-) -> Any:
-    """Load a saved model safely: `.pt2`, a state dict with `arch`, `.keras` or `.h5` (see design.md)."""
+def load_model(path: str | os.PathLike[str], **options: Unpack[LoadKeywords]) -> Any:
+    """Load a saved model safely: `.pt2`, a state dict with `arch`, `.keras` or `.h5` (see design.md).
+
+    Options: `arch` (a PyTorch state dict's architecture, FILE.py:NAME or pkg.module:NAME), `unsafe_pickle`
+    (a fully pickled torch module: runs code from the file), `unsafe_deserialization` (Keras without safe_mode).
+    """
     path = os.fspath(path)
     framework = framework_of_path(path)
     if not os.path.exists(path):
@@ -92,57 +93,36 @@ def load_model(
     from .filekind import check
 
     check(path, os.path.splitext(path)[1])  # the content matches the name, told before a framework is imported
-    load = backend(framework).load_model
-    return load(path, arch=arch, unsafe_pickle=unsafe_pickle, unsafe_deserialization=unsafe_deserialization)
+    return backend(framework).load_model(path, **options)
 
 
 def scan(
     model: Any,
     data: Any = None,
     *,
-    batch_size: int = 64,
     labels: Any = None,
-    loss: str = "auto",
-    atol: float = 0.0,
-    gtol: float = 0.0,
-    unit_axis: int | None = None,
-    samples: int | None = None,
-    input_shape: Sequence[int] | None = None,
-    seed: int = 0,
     progress: Progress | None = None,
     name: str | None = None,
+    **options: Unpack[ScanKeywords],
 ) -> Report:
     """Scan `model` on `data` and return the Report of dead, dormant and gradient-dead units per site.
 
     `data` may be an array, a tensor, an (x, y) pair, an iterable of batches (DataLoader, tf.data, PyDataset) or
     a path to a `.npz`/`.npy`. Without data, `samples` standard-normal inputs are drawn from the model's input
-    spec (or `input_shape`, one sample's shape).
+    spec (or `input_shape`, one sample's shape). Options (`deadneuron.core.options.ScanOptions`): `batch_size=64`,
+    `loss="auto"` (`ce`, `mse`, `probe`, `none`), `atol=0.0`, `gtol=0.0`, `unit_axis=None`, `samples=None`,
+    `input_shape=None`, `seed=0`. `progress(n)` is called with each batch's sample count; `name` names the model.
     """
-    options = scan_options(
-        batch_size=batch_size, loss=loss, atol=atol, gtol=gtol, unit_axis=unit_axis, samples=samples,
-        input_shape=input_shape, seed=seed,
-    )
-    return scan_with(model, data, options, labels=labels, progress=progress, name=name)
-
-
-def scan_with(
-    model: Any,
-    data: Any,
-    options: ScanOptions,
-    *,
-    labels: Any = None,
-    progress: Progress | None = None,
-    name: str | None = None,
-) -> Report:
-    """`scan` with its options already checked (`deadneuron.core.options.ScanOptions`)."""
-    return engine.scan(backend(framework_of(model)), model, data, options, labels=labels, progress=progress, name=name)
+    checked = scan_options(**options)
+    return engine.scan(backend(framework_of(model)), model, data, checked, labels=labels, progress=progress, name=name)
 
 
 def scan_ranks(
-    model: Any, data: Any, options: ScanOptions, *, progress: Progress | None = None, name: str | None = None
+    model: Any, data: Any, *, progress: Progress | None = None, name: str | None = None, **options: Unpack[ScanKeywords]
 ) -> Report:
     """`scan` in every process torchrun started, each on its shard of the samples; every rank gets the report of
     one process (`deadneuron.torch.distributed`). `data` is a `deadneuron.data.Dataset` or None."""
+    checked = scan_options(**options)
     if framework_of(model) != "torch":
         raise DeadNeuronError(
             "torchrun shards PyTorch scans; this is a Keras model: scan it in one process (python -m deadneuron "
@@ -150,7 +130,7 @@ def scan_ranks(
         )
     from .torch.distributed import scan as scan_sharded
 
-    return scan_sharded(model, data, options, progress=progress, name=name)
+    return scan_sharded(model, data, checked, progress=progress, name=name)
 
 
 def inspect(model: Any, *, input_shape: Sequence[int] | None = None) -> list[SiteInfo]:
@@ -158,28 +138,17 @@ def inspect(model: Any, *, input_shape: Sequence[int] | None = None) -> list[Sit
     return engine.inspect(backend(framework_of(model)), model, input_shape)
 
 
-def swap(
-    model: Any,
-    *,
-    to: str = "sinerelu",
-    epsilon: float | None = None,
-    epsilon_conv: float | None = None,
-    epsilon_dense: float | None = None,
-    form: str = "piecewise",
-    include: Sequence[str] | str = ("relu",),
-) -> Any:
+def swap(model: Any, **options: Unpack[SwapKeywords]) -> Any:
     """A new model with every ReLU site replaced by SineReLU; the original is untouched.
 
     Epsilon per site: 0.0025 after convolutions, 0.025 after dense layers (the article's MNIST settings);
     `epsilon` sets both. `include` adds ReLU6 (`"relu6"`) and leaky ReLUs (`"leaky_relu"`) to the swap.
     A PyTorch `nn.Module` comes back as an `nn.Module` (functional relu calls swapped too), an
     `ExportedProgram` as an `ExportedProgram` that runs without deadneuron; a Keras model as a Keras model of the
-    same kind.
+    same kind. Options: `to="sinerelu"`, `epsilon`, `epsilon_conv`, `epsilon_dense`, `form="piecewise"`,
+    `include=("relu",)`.
     """
-    options = SwapOptions.make(
-        to=to, epsilon=epsilon, epsilon_conv=epsilon_conv, epsilon_dense=epsilon_dense, form=form, include=include
-    )
-    return backend(framework_of(model)).swap(model, options)
+    return backend(framework_of(model)).swap(model, SwapOptions.make(**options))
 
 
 STATE_DICT_SWAP = (
@@ -193,15 +162,10 @@ def swap_file(
     model_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
     *,
-    to: str = "sinerelu",
-    epsilon: float | None = None,
-    epsilon_conv: float | None = None,
-    epsilon_dense: float | None = None,
-    form: str = "piecewise",
-    include: Sequence[str] | str = ("relu",),
     arch: str | None = None,
     unsafe_pickle: bool = False,
     unsafe_deserialization: bool = False,
+    **swapping: Unpack[SwapKeywords],
 ) -> str:
     """Write a swapped copy of a saved model in the input's format; return what was done, in one line.
 
@@ -209,9 +173,7 @@ def swap_file(
     when `output_path` says so) that loads once `deadneuron.keras` is imported. A state dict is refused with
     the one line that swaps in code (its weights would not change). The input file is never modified.
     """
-    options = SwapOptions.make(
-        to=to, epsilon=epsilon, epsilon_conv=epsilon_conv, epsilon_dense=epsilon_dense, form=form, include=include
-    )
+    options = SwapOptions.make(**swapping)
     epsilons = options.epsilons
     source, target = os.fspath(model_path), os.fspath(output_path)
     framework = framework_of_path(source)
@@ -243,24 +205,12 @@ def compare(
     model: Any,
     data: Any = None,
     *,
-    to: str = "sinerelu",
-    epsilon: float | None = None,
-    epsilon_conv: float | None = None,
-    epsilon_dense: float | None = None,
-    form: str = "piecewise",
     finetune_steps: int = 0,
     lr: float = 1e-3,
-    batch_size: int = 64,
     labels: Any = None,
-    loss: str = "auto",
-    atol: float = 0.0,
-    gtol: float = 0.0,
-    unit_axis: int | None = None,
-    samples: int | None = None,
-    input_shape: Sequence[int] | None = None,
-    seed: int = 0,
     progress: Progress | None = None,
     name: str | None = None,
+    **options: Unpack[CompareKeywords],
 ) -> Comparison:
     """Scan `model` and its SineReLU swap on the same data; prediction agreement, output drift, and optionally
     how many formerly dead units `finetune_steps` of training revive under each activation.
@@ -268,17 +218,10 @@ def compare(
     Both scans use the same batches, loss and probe seed, so every difference comes from the swap. With
     `finetune_steps=K` (labels needed), copies of both models train K steps with Adam(lr) on the same batches,
     in data order, cycling over the data; `revival` then counts the formerly dead units (dead under ReLU
-    before training) that are no longer dormant after training, for each model.
+    before training) that are no longer dormant after training, for each model. Options: those of `scan` and of
+    `swap` (`to="sinerelu"`, `epsilon`, `epsilon_conv`, `epsilon_dense`, `form`).
     """
-    scanning = scan_options(
-        batch_size=batch_size, loss=loss, atol=atol, gtol=gtol, unit_axis=unit_axis, samples=samples,
-        input_shape=input_shape, seed=seed,
-    )
-    swapping = SwapOptions.make(
-        to=to, epsilon=epsilon, epsilon_conv=epsilon_conv, epsilon_dense=epsilon_dense, form=form
-    )
+    scanning, swapping = split_options(options)
     tuning = TuneOptions(finetune_steps, lr)
-    return compare_with(  # type: ignore[no-any-return]
-        backend(framework_of(model)), model, data, scanning, swapping, tuning, labels=labels, progress=progress,
-        name=name,
-    )
+    chosen = backend(framework_of(model))
+    return compare_with(chosen, model, data, scanning, swapping, tuning, labels=labels, progress=progress, name=name)

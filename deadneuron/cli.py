@@ -10,11 +10,14 @@ import sys
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from .errors import DeadNeuronError
+
+if TYPE_CHECKING:
+    from .core.options import ScanKeywords
 
 app = typer.Typer(
     name="deadneuron",
@@ -200,7 +203,6 @@ def scan(
 ) -> None:
     """Scan a saved model: dead, dormant and gradient-dead units per activation site."""
     from . import api
-    from .core.options import scan_options
 
     _check_fail_over(fail_over)
     _check_outputs(json, html)
@@ -209,17 +211,17 @@ def scan(
     ranks = _torchrun_world()
     loaded = _load(model, arch, unsafe_pickle, unsafe_deserialization)
     total = len(dataset) if dataset is not None else samples
-    options = scan_options(
+    options: ScanKeywords = dict(
         batch_size=batch_size, loss=loss, atol=atol, gtol=gtol, unit_axis=unit_axis, samples=samples,
         input_shape=shape, seed=seed,
     )
     primary = True
     with _progress(total, "scanning") as progress:
         if ranks > 1:
-            report = api.scan_ranks(loaded, dataset, options, progress=progress, name=model.name)
+            report = api.scan_ranks(loaded, dataset, progress=progress, name=model.name, **options)
             primary = os.environ.get("RANK", "0") == "0"
         else:
-            report = api.scan_with(loaded, dataset, options, progress=progress, name=model.name)
+            report = api.scan(loaded, dataset, progress=progress, name=model.name, **options)
     if primary:  # under torchrun, rank 0 alone writes the report
         _write_outputs(report, json, html)
     if fail_over is not None and report.dead_fraction > fail_over:

@@ -1,7 +1,7 @@
 """Data files and batching, framework-free.
 
 `.npz` (key `x`, optional `y`) and `.npy` are memory-mapped, so a file larger than memory streams batch by batch.
-Framework tensors and loaders pass through `batches()` untouched; the adapters convert what they receive.
+Framework tensors and loaders are left to the host data plan (`core/plan.py`) and the backends.
 """
 
 from __future__ import annotations
@@ -147,18 +147,18 @@ def load_data_file(path: str | os.PathLike[str], samples: int | None = None) -> 
                 "arrays"
             ) from error
         raise DeadNeuronError(
-            f"cannot read data file {path} (corrupt or truncated?): {_first_line(error)}; expected a .npz (x, "
+            f"cannot read data file {path} (corrupt or truncated?): {first_line(error)}; expected a .npz (x, "
             "optional y) or .npy written by numpy.savez / numpy.save"
         ) from error
     except (OSError, zipfile.BadZipFile, EOFError, KeyError, TypeError, RuntimeError, zlib.error) as error:
         raise DeadNeuronError(
-            f"cannot read data file {path} (corrupt or truncated?): {_first_line(error)}; expected a .npz (x, "
+            f"cannot read data file {path} (corrupt or truncated?): {first_line(error)}; expected a .npz (x, "
             "optional y) or .npy written by numpy.savez / numpy.save"
         ) from error
     return validate(Dataset(x=x, y=y, source=path))
 
 
-def _first_line(error: BaseException, limit: int = 160) -> str:
+def first_line(error: BaseException, limit: int = 160) -> str:
     text = str(error).strip()
     line = text.splitlines()[0] if text else type(error).__name__
     return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -11,6 +11,3 @@ class DeadNeuronError(Exception):
 
     exit_code = 2
 
-
-class NotBuiltError(DeadNeuronError):
-    """A command or option of the design that is not built yet: say so, never pretend."""

@@ -17,7 +17,7 @@ from deadneuron.core.options import ScanOptions  # noqa: E402
 from deadneuron.core.stats import FIELDS  # noqa: E402
 from deadneuron.data import Dataset, shard_bounds  # noqa: E402
 from deadneuron.torch.accumulate import collect  # noqa: E402
-from deadneuron.torch.backend import BACKEND, TorchBackend  # noqa: E402
+from deadneuron.torch.backend import BACKEND, with_probe  # noqa: E402
 from deadneuron.torch.distributed import Grid, launched  # noqa: E402
 
 from . import torch_zoo as zoo  # noqa: E402
@@ -36,7 +36,7 @@ def _sharded_stats(model, data, *, world, batch_size, samples=None, input_shape=
         grid = Grid(total, grid_size, start, stop, run.static_batch is not None, seed + 1)
         kept = []
         engine.scan(
-            TorchBackend(probe=lambda _, grid=grid: grid.probe), model, grid.batches(data, shapes, seed),
+            with_probe(lambda _, grid=grid: grid.probe), model, grid.batches(data, shapes, seed),
             ScanOptions(batch_size=batch_size, input_shape=input_shape, seed=seed),
             reduce=lambda accs, kept=kept: kept.extend(accs) or accs,
         )

@@ -402,4 +402,4 @@ def test_torch_backend_live_models_in_a_fresh_process(tmp_path):
 
 def test_backend_load_model_refuses_arch(saved):
     with pytest.raises(DeadNeuronError, match="drop --arch"):
-        backend.load_model(str(saved / "cnn.keras"), arch="x.py:Net")
+        backend.BACKEND.load_model(str(saved / "cnn.keras"), arch="x.py:Net")

@@ -315,7 +315,7 @@ def test_swapped_pt2_scans_its_sinerelus_as_the_live_swapped_model(tmp_path):
 
 @pytest.mark.parametrize("form", ["piecewise", "max"])
 def test_swapped_program_in_place_and_max_form_fold_into_sites(form):
-    from deadneuron.torch.sites import fold_sinerelu
+    from deadneuron.torch.decomposed import fold_sinerelu
 
     torch.manual_seed(0)
     model = InPlace().eval()

@@ -13,7 +13,7 @@ from itertools import chain
 from typing import Any
 
 from ..errors import DeadNeuronError
-from ..report import Report
+from ..report import Comparison, Report
 from .engine import Backend, Progress, Run, batches, scan
 from .options import ResolvedLoss, ScanOptions, SwapOptions, TuneOptions, resolve_loss
 from .plan import Batch
@@ -109,20 +109,10 @@ def revived(before: Report, trained: Report) -> int:
 
 
 def compare(
-    backend: Backend,
-    model: Any,
-    data: Any,
-    options: ScanOptions,
-    swap: SwapOptions,
-    tune: TuneOptions,
-    *,
-    labels: Any = None,
-    progress: Progress | None = None,
-    name: str | None = None,
-) -> Any:
+    backend: Backend, model: Any, data: Any, options: ScanOptions, swap: SwapOptions, tune: TuneOptions, *,
+    labels: Any = None, progress: Progress | None = None, name: str | None = None,
+) -> Comparison:
     """The `Comparison` of `model` and its swap (see `deadneuron.compare`)."""
-    from ..report import Comparison
-
     tune.check_loss(options.loss)
     check_reiterable(data)
     run = backend.prepare(model, None)

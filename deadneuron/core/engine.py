@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Protocol
 
@@ -77,32 +78,19 @@ class Run(Protocol):
         scalars, added up across batches by `core.compare.Agreement`."""
 
 
-class Backend(Protocol):
-    @property
-    def framework(self) -> str:
-        """ "torch" or "keras", as the report's JSON says."""
+@dataclass(frozen=True)
+class Backend:
+    """One framework's primitives (`torch.backend.BACKEND`, `keras.backend.BACKEND`)."""
 
-    @property
-    def no_sites(self) -> str:
-        """The warning of a scan that saw no site."""
-
-    def prepare(self, model: Any, name: str | None) -> Run: ...
-
-    def load_model(
-        self, path: str, *, arch: str | None, unsafe_pickle: bool, unsafe_deserialization: bool
-    ) -> Any: ...
-
-    def swap(self, model: Any, options: SwapOptions) -> Any:
-        """A new model with the options' sites replaced by SineReLU; `model` untouched."""
-
-    def swap_file(self, model: Any, output: str, options: SwapOptions) -> int:
-        """Write the swap of a loaded model file to `output`; the number of sites swapped."""
-
-    def swap_for_scan(self, model: Any, options: SwapOptions) -> Any:
-        """A swapped copy of `model` whose sites a scan names as the original's."""
-
-    def train(self, model: Any, batches: Iterator[Batch], *, loss: ResolvedLoss, lr: float, seed: int) -> Any:
-        """A copy of `model` trained one Adam step per batch (the task loss, averaged over each batch)."""
+    framework: str  # "torch" or "keras", as the report's JSON says
+    no_sites: str  # the warning of a scan that saw no site
+    prepare: Callable[[Any, str | None], Run]  # (model, display name or None) -> the model ready to scan
+    load_model: Callable[..., Any]  # (path, *, arch, unsafe_pickle, unsafe_deserialization) -> model
+    swap: Callable[[Any, SwapOptions], Any]  # a new model with its sites replaced by SineReLU; the model untouched
+    swap_file: Callable[[Any, str, SwapOptions], int]  # write the swap of a loaded model file; the sites swapped
+    swap_for_scan: Callable[[Any, SwapOptions], Any]  # a swap whose sites a scan names as the original's
+    # (model, batches, *, loss, lr, seed) -> a copy trained one Adam step per batch on the task loss
+    train: Callable[..., Any]
 
 
 _NEEDS_SHAPE = {

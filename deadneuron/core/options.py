@@ -11,10 +11,13 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, get_args
 
 from ..errors import DeadNeuronError
 from .sinerelu import Form, check_epsilon, check_form
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 # The gradient source of a scan (design.md, "Loss for gradients"): `auto` picks ce/mse from the labels, else probe.
 Loss = Literal["auto", "ce", "mse", "probe", "none"]
@@ -69,20 +72,53 @@ class ScanOptions:
         return self.loss != "none"
 
 
-def scan_options(
-    *,
-    batch_size: int = 64,
-    loss: str = "auto",
-    atol: float = 0.0,
-    gtol: float = 0.0,
-    unit_axis: int | None = None,
-    samples: int | None = None,
-    input_shape: Sequence[int] | None = None,
-    seed: int = 0,
-) -> ScanOptions:
-    """`ScanOptions` from the API's plain keyword arguments."""
-    shape = tuple(input_shape) if input_shape is not None else None
-    return ScanOptions(batch_size, loss, atol, gtol, unit_axis, samples, shape, seed)  # type: ignore[arg-type]
+class ScanKeywords(TypedDict, total=False):
+    """The keyword options of `deadneuron.scan` as users pass them (defaults and meaning: `ScanOptions`)."""
+
+    batch_size: int
+    loss: str
+    atol: float
+    gtol: float
+    unit_axis: int | None
+    samples: int | None
+    input_shape: Sequence[int] | None
+    seed: int
+
+
+class SwapKeywords(TypedDict, total=False):
+    """The keyword options of `deadneuron.swap` as users pass them (defaults and meaning: `SwapOptions.make`)."""
+
+    to: str
+    epsilon: float | None
+    epsilon_conv: float | None
+    epsilon_dense: float | None
+    form: str
+    include: Sequence[str] | str
+
+
+class LoadKeywords(TypedDict, total=False):
+    """How `deadneuron.load_model` may open a file: `arch` for a PyTorch state dict; the two opt-ins that let a
+    file run code (`unsafe_pickle` for torch, `unsafe_deserialization` for Keras)."""
+
+    arch: str | None
+    unsafe_pickle: bool
+    unsafe_deserialization: bool
+
+
+class CompareKeywords(ScanKeywords, SwapKeywords, total=False):
+    """The keyword options of `deadneuron.compare`: a scan's and a swap's."""
+
+
+def scan_options(**options: Unpack[ScanKeywords]) -> ScanOptions:
+    """`ScanOptions` from the API's plain keyword arguments (a `TypeError` names an unknown one)."""
+    return ScanOptions(**options)  # type: ignore[arg-type]  # __post_init__ makes input_shape a tuple
+
+
+def split_options(options: CompareKeywords) -> tuple[ScanOptions, SwapOptions]:
+    """A comparison's keyword options as the scans' and the swap's."""
+    swapping = {key: value for key, value in options.items() if key in SwapKeywords.__optional_keys__}
+    scanning = {key: value for key, value in options.items() if key not in swapping}
+    return scan_options(**scanning), SwapOptions.make(**swapping)  # type: ignore[arg-type]
 
 
 def resolve_loss(loss: str, labelled: bool, integer_labels: bool) -> ResolvedLoss:
@@ -147,19 +183,18 @@ class SwapOptions:
     to: str = "sinerelu"
 
     @classmethod
-    def make(
-        cls,
-        *,
-        to: str = "sinerelu",
-        epsilon: float | None = None,
-        epsilon_conv: float | None = None,
-        epsilon_dense: float | None = None,
-        form: str = "piecewise",
-        include: Sequence[str] | str = ("relu",),
-    ) -> SwapOptions:
+    def make(cls, **options: Unpack[SwapKeywords]) -> SwapOptions:
+        """From plain keywords: `to="sinerelu"`, `epsilon` (both kinds) or `epsilon_conv`/`epsilon_dense` (default
+        0.0025/0.025), `form="piecewise"`, `include=("relu",)`."""
+        unknown = sorted(set(options) - SwapKeywords.__optional_keys__)
+        if unknown:
+            known = ", ".join(sorted(SwapKeywords.__optional_keys__))
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r}; expected one of {known}")
         return cls(
-            resolve_epsilons(epsilon, epsilon_conv, epsilon_dense), check_form(form), check_include(include),
-            check_to(to),
+            resolve_epsilons(options.get("epsilon"), options.get("epsilon_conv"), options.get("epsilon_dense")),
+            check_form(options.get("form", "piecewise")),
+            check_include(options.get("include", ("relu",))),
+            check_to(options.get("to", "sinerelu")),
         )
 
 

@@ -1,4 +1,4 @@
-"""Keras 3 support: SineReLU and, as they are built, the adapter, loading and the callback.
+"""Keras 3 support: SineReLU, the scan engine's backend (`deadneuron.keras.backend`), loading, swap and the callback.
 
 Importing this package imports Keras (and so registers "deadneuron>SineReLU" for loading); `import deadneuron` does
 not import it.

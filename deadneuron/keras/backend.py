@@ -24,29 +24,22 @@ import keras
 import numpy as np
 from keras import ops
 
-from ..core.options import ResolvedLoss, ScanOptions, SwapOptions
+from ..core.engine import Backend
+from ..core.options import ResolvedLoss, ScanOptions
 from ..core.plan import Batch, Shape
 from ..core.stats import SiteStats
 from ..errors import DeadNeuronError
 from ..report import SiteInfo
 from .accumulate import SiteAccumulator
 from .feed import SOURCE, check_shapes, sample_shapes
+from .loading import load_model
 from .sites import Recorder, Watch, output_activation, survey
 from .swap import copy_model, swap_file, swap_model
 
-__all__ = ["BACKEND", "KerasBackend", "KerasRun", "is_integer", "load_model", "loss_value"]
+__all__ = ["BACKEND", "KerasRun", "is_integer", "loss_value", "prepare", "train"]
 
 _COMPILED = ("predict_function", "train_function", "test_function")
 _MISSING = object()
-
-
-def load_model(
-    path: str, *, arch: str | None = None, unsafe_pickle: bool = False, unsafe_deserialization: bool = False
-) -> Any:
-    """A `.keras`/`.h5` model loaded with compile=False and safe_mode on (see `deadneuron.keras.loading`)."""
-    from .loading import load_model as load
-
-    return load(path, arch=arch, unsafe_pickle=unsafe_pickle, unsafe_deserialization=unsafe_deserialization)
 
 
 def _backend() -> str:
@@ -193,11 +186,22 @@ def discover(
 # ---------------------------------------------------------------------------------------------------- steps
 
 
-def _tensorflow_step(
-    model: Any, recorder: Recorder, accumulators: dict[str, SiteAccumulator], kind: str, atol: float, gtol: float,
-    generator: Any,
-) -> Callable[[Any, Any], None]:
+def _exposed_forward(model: Any, x: Any, recorder: Recorder, expose: Callable[[Any], Any]) -> Any:
+    """The model's outputs, with every site's pre-activation passed through `expose` (made a gradient source)."""
+    recorder.expose = expose
+    try:
+        return model(x, training=False)
+    finally:
+        recorder.expose = lambda z: z
+
+
+def _tensorflow_step(watch: KerasWatch) -> Callable[[Any, Any], None]:
+    """One batch as a `tf.function`: forward under a tape that watches only the pre-activations, the loss, every
+    site's gradient at once, the statistics added into the accumulators' variables."""
     import tensorflow as tf
+
+    model, recorder, accumulators, kind, generator = watch.parts()
+    atol, gtol = watch.atol, watch.gtol
 
     def step(x: Any, y: Any) -> None:
         recorder.begin()
@@ -207,11 +211,7 @@ def _tensorflow_step(
         else:
             # Only the pre-activations are gradient sources: no weight gradient is computed.
             with tf.GradientTape(watch_accessed_variables=False) as tape:
-                recorder.expose = lambda z: (tape.watch(z), z)[1]
-                try:
-                    outputs = model(x, training=False)
-                finally:
-                    recorder.expose = lambda z: z
+                outputs = _exposed_forward(model, x, recorder, lambda z: (tape.watch(z), z)[1])
                 loss = loss_value(kind, outputs, y, recorder.logits, generator)
             sources = [record[1] for record in recorder.records]
             grads = tape.gradient(loss, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO)
@@ -223,11 +223,12 @@ def _tensorflow_step(
     return tf.function(step, reduce_retracing=True)
 
 
-def _torch_step(
-    model: Any, recorder: Recorder, accumulators: dict[str, SiteAccumulator], kind: str, atol: float, gtol: float,
-    generator: Any,
-) -> Callable[[Any, Any], None]:
+def _torch_step(watch: KerasWatch) -> Callable[[Any, Any], None]:
+    """One batch, eagerly on Keras's torch backend, with `torch.autograd.grad` for the sites' gradients."""
     import torch
+
+    model, recorder, accumulators, kind, generator = watch.parts()
+    atol, gtol = watch.atol, watch.gtol
 
     def expose(z: Any) -> Any:
         # a pre-activation that needs no gradient has no watched site upstream: detaching it cuts nothing
@@ -241,11 +242,7 @@ def _torch_step(
                     model(x, training=False)
                 grads: list[Any] = [None] * len(recorder.records)
             else:
-                recorder.expose = expose
-                try:
-                    outputs = model(x, training=False)
-                finally:
-                    recorder.expose = lambda z: z
+                outputs = _exposed_forward(model, x, recorder, expose)
                 loss = loss_value(kind, outputs, y, recorder.logits, generator)
                 sources = [record[1] for record in recorder.records]
                 found: Sequence[Any] = (None,) * len(sources)
@@ -347,14 +344,20 @@ class KerasWatch:
         options: ScanOptions,
         unobserved: list[str],
     ) -> None:
+        self.model = run.model
+        self.recorder = recorder
         self.loss = loss
+        self.atol, self.gtol = options.atol, options.gtol
         self.warnings: list[str] = []
         self.unobserved = unobserved
         self.output_shape = tuple(_single_output(outputs).shape) if loss in ("ce", "mse") else ()
         self.by_name = {info.name: SiteAccumulator(info, rank, positions) for info, rank, positions in sites}
-        generator = keras.random.SeedGenerator(options.seed) if loss == "probe" else None
-        make_step = _tensorflow_step if _backend() == "tensorflow" else _torch_step
-        self._step = make_step(run.model, recorder, self.by_name, loss, options.atol, options.gtol, generator)
+        self.generator = keras.random.SeedGenerator(options.seed) if loss == "probe" else None
+        self._step = (_tensorflow_step if _backend() == "tensorflow" else _torch_step)(self)
+
+    def parts(self) -> tuple[Any, Recorder, dict[str, SiteAccumulator], ResolvedLoss, Any]:
+        """What a step closes over: the model, the recorder, the accumulators by site, the loss, the probe's seed."""
+        return self.model, self.recorder, self.by_name, self.loss, self.generator
 
     def step(self, batch: Batch) -> None:
         y = None
@@ -399,38 +402,21 @@ def train(model: Any, batches: Iterator[Batch], *, loss: ResolvedLoss, lr: float
     return trained
 
 
-@dataclass(frozen=True)
-class KerasBackend:
-    framework: str = "keras"
-    no_sites: str = (
-        "no activation sites found: the model has no ReLU-family or smooth-rectifier activation that can be "
-        "watched (activations called inside a subclassed model's own call() are invisible)"
-    )
-
-    def prepare(self, model: Any, name: str | None) -> KerasRun:
-        _backend()
-        run = KerasRun(model, name or type(model).__name__)
-        if not model.built:
-            run.warnings.append(
-                "the model had not been built (never called): the scan built it, so it saw freshly initialised "
-                "weights"
-            )
-        return run
-
-    def load_model(self, path: str, **options: Any) -> Any:
-        return load_model(path, **options)
-
-    def swap_for_scan(self, model: Any, options: SwapOptions) -> Any:
-        return swap_model(model, options)
-
-    def train(self, model: Any, batches: Iterator[Batch], *, loss: ResolvedLoss, lr: float, seed: int) -> Any:
-        return train(model, batches, loss=loss, lr=lr, seed=seed)
-
-    def swap(self, model: Any, options: SwapOptions) -> Any:
-        return swap_model(model, options)
-
-    def swap_file(self, model: Any, output: str, options: SwapOptions) -> int:
-        return swap_file(model, output, options)
+NO_SITES = (
+    "no activation sites found: the model has no ReLU-family or smooth-rectifier activation that can be watched "
+    "(activations called inside a subclassed model's own call() are invisible)"
+)
 
 
-BACKEND = KerasBackend()
+def prepare(model: Any, name: str | None) -> KerasRun:
+    """`model` ready to scan (TensorFlow or torch as Keras backend)."""
+    _backend()
+    run = KerasRun(model, name or type(model).__name__)
+    if not model.built:
+        run.warnings.append(
+            "the model had not been built (never called): the scan built it, so it saw freshly initialised weights"
+        )
+    return run
+
+
+BACKEND = Backend("keras", NO_SITES, prepare, load_model, swap_model, swap_file, swap_model, train)

@@ -33,7 +33,7 @@ def load_model(
 ) -> Any:
     """Load a Keras model file uncompiled and, unless `unsafe_deserialization`, without running its code.
 
-    `unsafe_pickle` is accepted for the adapter contract and has no effect: Keras files hold no pickles (their
+    `unsafe_pickle` is accepted for the backend protocol and has no effect: Keras files hold no pickles (their
     risk, Lambda layers, is what `unsafe_deserialization` opts into). `arch` is for PyTorch state dicts.
     """
     del unsafe_pickle  # a PyTorch notion; see the docstring

@@ -18,23 +18,14 @@ cells run in a loop); the last two are listed in the report as unobserved.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
 import keras
 
-# Canonical kind names; Keras aliases map onto them.
-SITE_KINDS = frozenset(
-    {
-        "relu", "relu6", "leaky_relu", "prelu", "elu", "selu", "celu", "gelu", "silu", "hardswish", "softplus",
-        "squareplus", "sparse_plus", "mish", "sinerelu",
-    }
-)
-LOGIT_KINDS = frozenset({"softmax", "sigmoid"})
-# Keras names -> the kind names the PyTorch adapter reports, so the two frameworks' reports line up.
-_ALIASES = {"swish": "silu", "hard_silu": "hardswish", "hard_swish": "hardswish", "leakyrelu": "leaky_relu"}
+from ..core.kinds import LOGIT_KINDS, SITE_KINDS, canonical, repeated_site_name
 
 
 @dataclass(eq=False)
@@ -56,11 +47,6 @@ def sinerelu_class() -> type | None:
     except ImportError:
         return None
     return SineReLU
-
-
-def _canonical(name: str) -> str:
-    name = name.split(">")[-1].lower()  # registered names may carry a package prefix: "deadneuron>sinerelu"
-    return _ALIASES.get(name, name)
 
 
 def _refine_relu(obj: Any, default: str = "relu") -> str:
@@ -87,7 +73,7 @@ def activation_kind(fn: Any) -> str | None:
         name = keras.saving.get_registered_name(fn)
     except Exception:  # an object Keras cannot name: not an activation we know
         return None
-    return _canonical(str(name)) if name else None
+    return canonical(str(name)) if name else None
 
 
 def layer_kind(layer: Any) -> str | None:
@@ -136,7 +122,7 @@ def operation_kinds() -> dict[type, str]:
             except Exception:  # some activations are not symbolic on every backend
                 continue
             if len(operations) == 2:  # the input and exactly one operation
-                kinds.setdefault(type(operations[1]), _canonical(name))
+                kinds.setdefault(type(operations[1]), canonical(name))
     return kinds
 
 
@@ -175,15 +161,7 @@ def survey(model: Any) -> Survey:
     """Walk the model (recursing into nested models and layers) and list every candidate site."""
     found = Survey()
     seen: set[int] = set()
-    taken: set[str] = set()
     fmt: dict[str, str | None] = {"last": None}  # data_format of the most recent layer that has one, in walk order
-
-    def unique(path: str) -> str:
-        name, k = path, 2
-        while name in taken:
-            name, k = f"{path}@{k}", k + 1
-        taken.add(name)
-        return name
 
     def visit(obj: Any, prefix: str) -> None:
         for child in children(obj):
@@ -198,12 +176,12 @@ def survey(model: Any) -> Survey:
             if not isinstance(child, keras.layers.Layer):
                 kind = operation_kind(child)
                 if kind in SITE_KINDS:
-                    found.candidates.append(Candidate(unique(path), child, "call", kind, channels_first))
+                    found.candidates.append(Candidate(path, child, "call", kind, channels_first))
                 continue
             kind = layer_kind(child)
             if kind is not None:
                 if kind in SITE_KINDS:
-                    found.candidates.append(Candidate(unique(path), child, "call", kind, channels_first))
+                    found.candidates.append(Candidate(path, child, "call", kind, channels_first))
                 continue
             if isinstance(child, keras.layers.Lambda):
                 found.unobserved.append(f"{path} (a Lambda layer: activations inside it cannot be watched)")
@@ -216,7 +194,7 @@ def survey(model: Any) -> Survey:
                 if is_recurrent(child):
                     found.unobserved.append(f"{path} ({fused} inside a recurrent layer: not watched)")
                 else:
-                    found.candidates.append(Candidate(unique(path), child, "activation", fused, channels_first))
+                    found.candidates.append(Candidate(path, child, "activation", fused, channels_first))
             if not is_recurrent(child):
                 visit(child, path + "/")
 
@@ -266,7 +244,7 @@ class Recorder:
         self.records: list[tuple[str, Any, Any, Candidate]] = []
         self.logits: Any = None
         self.expose: Callable[[Any], Any] = lambda z: z  # set by the step: make z a gradient source
-        self._calls: dict[int, int] = {}
+        self._calls: dict[str, int] = {}
 
     def begin(self) -> None:
         self.records = []
@@ -280,13 +258,13 @@ class Recorder:
         if candidate.role == "logits":
             self.logits = z
             return
-        count = self._calls.get(id(candidate), 0) + 1
-        self._calls[id(candidate)] = count
-        name = candidate.path if count == 1 else f"{candidate.path}#{count}"
+        name = repeated_site_name(candidate.path, self._calls)
         self.records.append((name, z, a, candidate))
 
 
-def _call_wrapper(candidate: Candidate, original: Callable[..., Any], recorder: Recorder) -> Callable[..., Any]:
+def _wrapper(candidate: Candidate, original: Callable[..., Any], recorder: Recorder) -> Callable[..., Any]:
+    """`original` (a layer's `call` or a fused `activation`) recording its input and output as one site call."""
+
     def call(*args: Any, **kwargs: Any) -> Any:
         if args:
             z = args[0]
@@ -301,19 +279,6 @@ def _call_wrapper(candidate: Candidate, original: Callable[..., Any], recorder: 
         return a
 
     return call
-
-
-def _activation_wrapper(
-    candidate: Candidate, original: Callable[..., Any], recorder: Recorder
-) -> Callable[..., Any]:
-    def activation(z: Any, *args: Any, **kwargs: Any) -> Any:
-        if candidate.role == "site":
-            z = recorder.expose(z)
-        a = original(z, *args, **kwargs)
-        recorder.record(candidate, z, a)
-        return a
-
-    return activation
 
 
 _MISSING = object()
@@ -338,9 +303,8 @@ class Watch:
                 if any(o is obj and a == attribute for o, a, _ in self._saved):
                     continue
                 original = getattr(obj, attribute)
-                make = _call_wrapper if attribute == "call" else _activation_wrapper
                 self._saved.append((obj, attribute, vars(obj).get(attribute, _MISSING)))
-                vars(obj)[attribute] = make(candidate, original, self.recorder)
+                vars(obj)[attribute] = _wrapper(candidate, original, self.recorder)
         except BaseException:
             self.remove()
             raise
@@ -358,7 +322,3 @@ class Watch:
                 vars(obj)[attribute] = before
         self.recorder.clear()
 
-
-def iter_layers(model: Any) -> Iterator[Any]:
-    """Every layer of the model, nested ones included, each once."""
-    yield from model._flatten_layers(include_self=True, recursive=True)

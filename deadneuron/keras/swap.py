@@ -19,17 +19,18 @@ when none is before; the conv value when the model has neither).
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 
-from ..core.options import SwapOptions
-from ..core.sinerelu import Form
+from ..core.options import SwapKeywords, SwapOptions
 from ..core.swap import nearest, write_then_rename
 from ..errors import DeadNeuronError
 from .sinerelu import SineReLU
 from .sites import activation_kind, children, layer_kind, operation_kind
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["copy_model", "swap", "swap_file", "swap_model"]
 
@@ -111,21 +112,9 @@ class _Plan:
         return SineReLU(epsilon, self.form, name=name) if name else SineReLU(epsilon, self.form)
 
 
-def swap(
-    model: Any,
-    *,
-    to: str = "sinerelu",
-    epsilon: float | None = None,
-    epsilon_conv: float | None = None,
-    epsilon_dense: float | None = None,
-    form: Form = "piecewise",
-    include: Sequence[str] | str = ("relu",),
-) -> Any:
+def swap(model: Any, **options: Unpack[SwapKeywords]) -> Any:
     """A new Keras model with every ReLU site replaced by SineReLU; `model` is left as it was."""
-    options = SwapOptions.make(
-        to=to, epsilon=epsilon, epsilon_conv=epsilon_conv, epsilon_dense=epsilon_dense, form=form, include=include
-    )
-    return swap_model(model, options)
+    return swap_model(model, SwapOptions.make(**options))
 
 
 def swap_model(model: Any, options: SwapOptions) -> Any:

@@ -1,7 +1,7 @@
 """Comparisons: the same data scanned before and after swapping ReLU for SineReLU, side by side.
 
-Framework-free: the adapters produce the two Reports and the prediction figures; this module pairs the sites,
-measures how much gradient the formerly dead units receive, and renders the verdict.
+Framework-free: the scan engine (`core/compare.py`) produces the two Reports and the prediction figures; this module
+pairs the sites, measures how much gradient the formerly dead units receive, and renders the verdict.
 """
 
 from __future__ import annotations

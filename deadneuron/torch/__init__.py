@@ -1,4 +1,4 @@
-"""PyTorch support: the adapter (`deadneuron.torch.adapter`), and SineReLU when `sinerelu.py` is present.
+"""PyTorch support: the scan engine's backend (`deadneuron.torch.backend`), SineReLU, swap and the training monitor.
 
 Importing this package imports torch.
 """

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.kinds import NONNEGATIVE, SIGN_PRESERVING
 from ..core.stats import COUNTERS, FIELDS, SiteStats
 from ..report import SiteInfo
-from .kinds import NONNEGATIVE, SIGN_PRESERVING
 
 _INF = float("inf")
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -23,17 +24,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.options import ResolvedLoss, ScanOptions, SwapOptions
+from ..core.engine import Backend
+from ..core.options import ResolvedLoss, ScanOptions
 from ..core.plan import PLAIN, Batch, Shape, Source
 from ..core.stats import SiteStats
 from ..errors import DeadNeuronError
 from ..report import SiteInfo
 from .accumulate import SiteAccumulator, collect
-from .loading import load_model as _load_model
-from .sites import SiteWatcher, fold_sinerelu, graph_sites
+from .decomposed import fold_sinerelu
+from .loading import load_model
+from .sites import SiteWatcher, graph_sites
 from .swap import copy_model, swap_file, swap_for_scan, swap_model
 
-__all__ = ["BACKEND", "TorchBackend", "TorchRun", "batch_probe", "load_model", "output_tensors"]
+__all__ = ["BACKEND", "TorchRun", "batch_probe", "output_tensors", "prepare", "train", "with_probe"]
 
 # The probe's cotangents for one batch: (output tensors, valid samples) -> one v per output, rows past
 # `valid` zero. `deadneuron.torch.distributed` passes one that draws by global sample position.
@@ -54,17 +57,6 @@ def batch_probe(seed: int) -> Probe:
         return vs
 
     return draw
-
-
-def load_model(
-    path: str | os.PathLike[str],
-    *,
-    arch: str | None = None,
-    unsafe_pickle: bool = False,
-    unsafe_deserialization: bool = False,
-) -> Any:
-    """A `.pt2` as an `ExportedProgram`; a state dict with `arch` (or a pickled module) as an `nn.Module`."""
-    return _load_model(os.fspath(path), arch=arch, unsafe_pickle=unsafe_pickle)
 
 
 def _to_tensor(value: Any, what: str) -> torch.Tensor:
@@ -244,6 +236,9 @@ def _guess_sample_shape(module: nn.Module) -> tuple[int, ...] | None:
     return None
 
 
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
 def _expected_input(run: TorchRun) -> str:
     if run.example_shape is not None:
         return f"expected samples of shape {run.example_shape} (the program's example input)"
@@ -253,7 +248,7 @@ def _expected_input(run: TorchRun) -> str:
                 f"the first layer is Linear({sub.in_features}, ...): expected {sub.in_features} features on the "
                 "last axis"
             )
-        if isinstance(sub, nn.modules.conv._ConvNd):
+        if isinstance(sub, _CONVOLUTIONS):
             return (
                 f"the first layer is {type(sub).__name__} with {sub.in_channels} input channels: expected "
                 f"(N, {sub.in_channels}, ...)"
@@ -437,35 +432,22 @@ def train(model: Any, batches: Iterator[Batch], *, loss: ResolvedLoss, lr: float
     return module
 
 
-@dataclass(frozen=True)
-class TorchBackend:
-    """The engine's PyTorch primitives; `probe` makes the gradient probe from a seed (distributed scans pass
-    one that draws by global sample position)."""
-
-    probe: Callable[[int], Probe] = batch_probe
-    framework: str = "torch"
-    no_sites: str = (
-        "no activation sites ran: the model calls none of the activations deadneuron knows "
-        "(ReLU family, GELU, SiLU, ... as modules or functions)"
-    )
-
-    def prepare(self, model: Any, name: str | None) -> TorchRun:
-        return prepare(model, name, self.probe)
-
-    def load_model(self, path: str, **options: Any) -> Any:
-        return load_model(path, **options)
-
-    def swap_for_scan(self, model: Any, options: SwapOptions) -> Any:
-        return swap_for_scan(model, options)
-
-    def train(self, model: Any, batches: Iterator[Batch], *, loss: ResolvedLoss, lr: float, seed: int) -> Any:
-        return train(model, batches, loss=loss, lr=lr, seed=seed)
-
-    def swap(self, model: Any, options: SwapOptions) -> Any:
-        return swap_model(model, options)
-
-    def swap_file(self, model: Any, output: str, options: SwapOptions) -> int:
-        return swap_file(model, output, options)
+NO_SITES = (
+    "no activation sites ran: the model calls none of the activations deadneuron knows "
+    "(ReLU family, GELU, SiLU, ... as modules or functions)"
+)
 
 
-BACKEND = TorchBackend()
+def _load(path: str, *, unsafe_deserialization: bool = False, **options: Any) -> Any:
+    """A `.pt2` as an `ExportedProgram`; a state dict with `arch` (or a pickled module) as an `nn.Module`
+    (`unsafe_deserialization` is Keras's)."""
+    return load_model(os.fspath(path), **options)
+
+
+BACKEND = Backend("torch", NO_SITES, prepare, _load, swap_model, swap_file, swap_for_scan, train)
+
+
+def with_probe(probe: Callable[[int], Probe]) -> Backend:
+    """The torch backend with another gradient probe (seed -> probe): `deadneuron.torch.distributed` draws by
+    global sample position."""
+    return replace(BACKEND, prepare=partial(prepare, probe=probe))

@@ -34,7 +34,7 @@ from ..core.stats import COUNTERS, FIELDS
 from ..errors import DeadNeuronError
 from ..report import Report, SiteInfo
 from .accumulate import SiteAccumulator
-from .backend import BACKEND, TorchBackend
+from .backend import prepare, with_probe
 
 __all__ = ["all_reduce_sites", "is_distributed", "launched", "process_group", "rank_zero", "scan", "world"]
 
@@ -260,7 +260,7 @@ def scan(
 ) -> Report:
     """The single-process report of `model` on `data` (or `options.samples` random inputs), computed by every rank
     of the process group on its block of the samples. Every rank returns the full report; print it on rank 0."""
-    run = BACKEND.prepare(model, name)
+    run = prepare(model, name)
     device = run.device
     shapes: list[Shape] = []
     if data is not None:
@@ -291,7 +291,7 @@ def scan(
 
         try:
             return engine.scan(
-                TorchBackend(probe=lambda seed: grid.probe),
+                with_probe(lambda seed: grid.probe),
                 model,
                 grid.batches(data, shapes, options.seed),
                 replace(options, samples=None),

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import _first_line
+from ..data import first_line
 from ..errors import DeadNeuronError
 
 CONFIG = "config.json"
@@ -66,7 +66,7 @@ def read_config(path: str) -> dict[str, Any]:
             config = json.loads(handle.read(CONFIG_LIMIT + 1).decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
         raise DeadNeuronError(
-            f"{file} is not valid JSON ({_first_line(error)}); expected the config.json written by save_pretrained"
+            f"{file} is not valid JSON ({first_line(error)}); expected the config.json written by save_pretrained"
         ) from error
     if not isinstance(config, dict):
         raise DeadNeuronError(
@@ -128,7 +128,7 @@ def _weight_files(path: str) -> list[str]:
             with open(index, "rb") as handle:
                 weight_map = json.loads(handle.read().decode("utf-8")).get("weight_map")
         except (ValueError, UnicodeDecodeError, AttributeError) as error:
-            raise DeadNeuronError(f"{index} is not a shard index ({_first_line(error)})") from error
+            raise DeadNeuronError(f"{index} is not a shard index ({first_line(error)})") from error
         if not isinstance(weight_map, dict) or not weight_map:
             raise DeadNeuronError(f"{index} has no weight_map; expected a file written by save_pretrained")
         shards = sorted({str(name) for name in weight_map.values()})
@@ -166,7 +166,7 @@ def load_pretrained(path: str | os.PathLike[str]) -> nn.Module:
         raise
     except Exception as error:  # a config whose values this transformers cannot build
         raise DeadNeuronError(
-            f"transformers could not build {cls.__name__} from {file}: {_first_line(error)}; expected a config "
+            f"transformers could not build {cls.__name__} from {file}: {first_line(error)}; expected a config "
             f"written by the installed transformers {transformers.__version__} or a compatible one"
         ) from error
     _load_weights(model, files, path)
@@ -184,14 +184,14 @@ def _load_weights(model: nn.Module, files: list[str], path: str) -> None:
             state.update(load_file(file))
         except (SafetensorError, OSError, ValueError) as error:
             raise DeadNeuronError(
-                f"cannot read {file} as safetensors (corrupt or truncated?): {_first_line(error)}; expected the "
+                f"cannot read {file} as safetensors (corrupt or truncated?): {first_line(error)}; expected the "
                 "weights written by save_pretrained"
             ) from error
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shape mismatches
         raise DeadNeuronError(
-            f"the weights in {path} do not fit its config: {_first_line(error)}; expected weights saved with "
+            f"the weights in {path} do not fit its config: {first_line(error)}; expected weights saved with "
             "this config.json"
         ) from error
     tied = _tied_names(model, set(state))

@@ -10,18 +10,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import handle_torch_function, has_torch_function
 
-# Kinds whose output is > 0 exactly where the pre-activation is > 0 (for positive slopes): "dormant" can be read
-# from the output, which is all that is left after an in-place call.
-SIGN_PRESERVING = frozenset({"relu", "relu6", "relu2", "leaky_relu", "elu", "celu", "selu"})
-# Kinds whose output is never negative: max |a| is max a.
-NONNEGATIVE = frozenset({"relu", "relu6", "relu2"})
+T = TypeVar("T")
 
 _MODULE_KINDS: dict[type[nn.Module], str] = {
     nn.ReLU: "relu",
@@ -134,7 +130,7 @@ def _hardtanh_is_relu6(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
 
 
 # In a node's `custom` metadata: the site name `swap.swap_exported` gave a functional ReLU it wrote out as SineReLU,
-# which `sites.fold_sinerelu` and `sites.graph_sites` read back.
+# which `decomposed.fold_sinerelu` and `sites.graph_sites` read back.
 SWAPPED_SITE_KEY = "deadneuron_sinerelu_site"
 
 
@@ -147,7 +143,7 @@ def folded_sinerelu(x: torch.Tensor, epsilon: float, form: str, inplace: bool) -
     """`deadneuron.torch.sinerelu.sinerelu`, visible to a `TorchFunctionMode` (a plain Python function is not).
 
     A scan of a swapped `.pt2` folds each SineReLU that `swap_exported` wrote out in aten ops back into one call
-    of this (`sites.fold_sinerelu`), so the scan's functional-site machinery sees it as a "sinerelu" site.
+    of this (`decomposed.fold_sinerelu`), so the scan's functional-site machinery sees it as a "sinerelu" site.
     """
     if has_torch_function((x,)):
         return handle_torch_function(  # type: ignore[no-any-return]
@@ -233,23 +229,28 @@ def _aten_specs() -> dict[Any, FunctionSpec]:
     return specs
 
 
-FUNCTIONAL = _functional_specs()
-ATEN = _aten_specs()
+# Functions by identity, aten ops by overload packet.
+SPECS = {**_functional_specs(), **_aten_specs()}
+
+
+def _lookup(table: dict[Any, T], func: Any) -> T | None:
+    """`table`'s entry for a function, or for an aten overload through its packet."""
+    try:
+        found = table.get(func)
+    except TypeError:  # unhashable callables
+        return None
+    if found is None:
+        packet = getattr(func, "overloadpacket", None)
+        if packet is not None:
+            found = table.get(packet)
+    return found
 
 
 def function_spec(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> FunctionSpec | None:
     """The spec of an activation call, or None when `func(*args, **kwargs)` is not one."""
-    try:
-        spec = FUNCTIONAL.get(func)
-    except TypeError:  # unhashable callables
-        return None
+    spec = _lookup(SPECS, func)
     if spec is None:
-        packet = getattr(func, "overloadpacket", None)
-        if packet is None:
-            return None
-        spec = ATEN.get(packet)
-        if spec is None:
-            return None
+        return None
     if spec.check is not None and not spec.check(args, kwargs):
         return None
     return spec
@@ -271,94 +272,61 @@ CHANNELS = "channels"
 TOKENS = "tokens"
 
 
-def _layout_producers() -> dict[Any, str]:
-    channels = [
-        F.conv1d,
-        F.conv2d,
-        F.conv3d,
-        F.conv_transpose1d,
-        F.conv_transpose2d,
-        F.conv_transpose3d,
-        F.batch_norm,
-        F.instance_norm,
-        F.group_norm,
-        F.max_pool1d,
-        F.avg_pool1d,
-        F.adaptive_avg_pool1d,
-        F.adaptive_max_pool1d,
-        torch.conv1d,
-        torch.conv2d,
-        torch.conv3d,
-        torch.batch_norm,
-    ]
-    tokens = [
-        F.linear,
-        F.bilinear,
-        torch.matmul,
-        torch.Tensor.matmul,
-        torch.bmm,
-        torch.Tensor.bmm,
-        torch.baddbmm,
-        torch.addmm,
-        F.layer_norm,
-        F.embedding,
-        F.scaled_dot_product_attention,
-        F.multi_head_attention_forward,
-    ]
-    if hasattr(F, "rms_norm"):
-        tokens.append(F.rms_norm)
-    table: dict[Any, str] = {fn: CHANNELS for fn in channels}
-    table.update({fn: TOKENS for fn in tokens})
+_CONV_FUNCTIONS: tuple[Any, ...] = (
+    F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, torch.conv1d,
+    torch.conv2d, torch.conv3d,
+)
+_CONV_OPS = (
+    "convolution", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+    "_convolution", "mkldnn_convolution",
+)
+_DENSE_FUNCTIONS: tuple[Any, ...] = (
+    F.linear, F.bilinear, torch.addmm, torch.matmul, torch.Tensor.matmul, torch.mm, torch.bmm,
+)
+_DENSE_OPS = ("linear", "addmm", "mm", "bmm", "matmul", "bilinear")
+# Ops that shape a tensor without being a conv or dense layer: normalisations, pools, attention, embeddings.
+_OTHER_CHANNELS: tuple[Any, ...] = (
+    F.batch_norm, F.instance_norm, F.group_norm, F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d,
+    F.adaptive_max_pool1d, torch.batch_norm,
+)
+_OTHER_CHANNEL_OPS = (
+    "batch_norm", "_native_batch_norm_legit_no_training", "native_batch_norm", "group_norm", "instance_norm",
+    "max_pool1d", "avg_pool1d",
+)
+_OTHER_TOKENS: tuple[Any, ...] = (
+    torch.Tensor.bmm, torch.baddbmm, F.layer_norm, F.embedding, F.scaled_dot_product_attention,
+    F.multi_head_attention_forward, *((F.rms_norm,) if hasattr(F, "rms_norm") else ()),
+)
+_OTHER_TOKEN_OPS = (
+    "baddbmm", "layer_norm", "native_layer_norm", "embedding", "scaled_dot_product_attention",
+    "_scaled_dot_product_flash_attention_for_cpu", "rms_norm",
+)
+
+
+def _table(value: str, functions: tuple[Any, ...], ops: tuple[str, ...]) -> dict[Any, str]:
+    """{function or aten op packet: value} for the functions and the aten ops (by name) that exist here."""
     aten = torch.ops.aten
-    for op in (
-        "convolution",
-        "conv1d",
-        "conv2d",
-        "conv3d",
-        "conv_transpose1d",
-        "conv_transpose2d",
-        "batch_norm",
-        "_native_batch_norm_legit_no_training",
-        "native_batch_norm",
-        "group_norm",
-        "instance_norm",
-        "max_pool1d",
-        "avg_pool1d",
-    ):
-        if hasattr(aten, op):
-            table[getattr(aten, op)] = CHANNELS
-    for op in (
-        "linear",
-        "addmm",
-        "mm",
-        "bmm",
-        "matmul",
-        "baddbmm",
-        "layer_norm",
-        "native_layer_norm",
-        "embedding",
-        "scaled_dot_product_attention",
-        "_scaled_dot_product_flash_attention_for_cpu",
-        "rms_norm",
-    ):
-        if hasattr(aten, op):
-            table[getattr(aten, op)] = TOKENS
+    table: dict[Any, str] = {fn: value for fn in functions}
+    table.update({getattr(aten, op): value for op in ops if hasattr(aten, op)})
     return table
 
 
-LAYOUT_PRODUCERS = _layout_producers()
+# "conv" or "dense": the layers after which a swapped SineReLU takes the conv or the dense epsilon.
+LAYERS = {**_table("conv", _CONV_FUNCTIONS, _CONV_OPS), **_table("dense", _DENSE_FUNCTIONS, _DENSE_OPS)}
+LAYOUT_PRODUCERS = {
+    **_table(CHANNELS, _CONV_FUNCTIONS + _OTHER_CHANNELS, _CONV_OPS + _OTHER_CHANNEL_OPS),
+    **_table(TOKENS, _DENSE_FUNCTIONS + _OTHER_TOKENS, _DENSE_OPS + _OTHER_TOKEN_OPS),
+}
+
+
+def layer_of(func: Any) -> str | None:
+    """ "conv" or "dense" when `func` computes such a layer; None otherwise."""
+    return _lookup(LAYERS, func)
 
 
 def producer_layout(func: Any) -> str | None:
-    try:
-        layout = LAYOUT_PRODUCERS.get(func)
-    except TypeError:
-        return None
-    if layout is None:
-        packet = getattr(func, "overloadpacket", None)
-        if packet is not None:
-            layout = LAYOUT_PRODUCERS.get(packet)
-    return layout
+    """CHANNELS or TOKENS when `func` decides which axis of its (N, ., .) output holds units; None otherwise."""
+    return _lookup(LAYOUT_PRODUCERS, func)
 
 
 def default_unit_axis(ndim: int, layout: str | None) -> int:

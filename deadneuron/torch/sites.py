@@ -18,7 +18,6 @@ Site names (design.md: one site per call, in order of first execution):
 
 from __future__ import annotations
 
-import math
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -30,11 +29,12 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..core.kinds import repeated_site_name
 from ..errors import DeadNeuronError
 from ..report import SiteInfo
 from .accumulate import Scratch, SiteAccumulator
+from .decomposed import swapped_site_name
 from .kinds import (
-    SWAPPED_SITE_KEY,
     call_name,
     default_unit_axis,
     function_spec,
@@ -167,9 +167,7 @@ class SiteWatcher:
             self.warnings.append(message)
 
     def _call_name(self, base: str) -> str:
-        self.calls[base] += 1
-        k = self.calls[base]
-        return base if k == 1 else f"{base}#{k}"
+        return repeated_site_name(base, self.calls)
 
     def _new_site(self, name: str, kind: str, z: torch.Tensor, folded: bool) -> SiteAccumulator:
         if folded:  # (N, L, D) unfolded from (N*L, D) rows: the features are the units whatever produced them
@@ -416,155 +414,9 @@ def graph_sites(graph_module: torch.fx.GraphModule) -> tuple[list[str], list[str
             seen_paths.add(path)
         else:
             base = call_name(path, spec.label)
-        counts[base] += 1
-        names.append(base if counts[base] == 1 else f"{base}#{counts[base]}")
+        names.append(repeated_site_name(base, counts))
     for path, cls_name in activation_paths.items():
         if path not in seen_paths:
             kind = by_class[cls_name]
             unobserved.append(f"{path} ({kind} module decomposed into primitive ops in the exported graph)")
     return names, unobserved
-
-
-# SineReLU written out in aten ops by `swap_exported` ------------------------------------------------------------
-_SINERELU_CLASS = "deadneuron.torch.sinerelu.SineReLU"  # how `swap_exported` tags its nodes' nn_module_stack
-
-
-def fold_sinerelu(graph_module: torch.fx.GraphModule) -> int:
-    """Fold each SineReLU that `swap.swap_exported` decomposed into aten ops back into one `folded_sinerelu` call.
-
-    Changes `graph_module`'s graph in place (pass a copy: `ExportedProgram.module()` makes a new one each call);
-    returns how many were folded. Only complete decompositions are folded: nodes tagged with SineReLU in their
-    `nn_module_stack`, in the exact shape `_decompose` writes (piecewise: gt, clamp, sub, sin, mul, where; max:
-    sub, sin, mul, maximum; then `copy_` into the input when in place), whose intermediate values nothing else
-    reads. epsilon comes back from the sine's factor (eps * sqrt(2)). The folded call computes what the live
-    SineReLU module computes, so a scan measures the same site as in a model swapped with `deadneuron.swap`.
-    """
-    from .kinds import folded_sinerelu
-
-    graph = graph_module.graph
-    folded = 0
-    for node in list(graph.nodes):
-        if node.graph is not graph or node.op != "call_function":  # erased by an earlier fold
-            continue
-        match = _match_sinerelu(node)
-        if match is None:
-            continue
-        x, epsilon, form, inplace, final, pattern = match
-        with graph.inserting_before(final):
-            new = graph.call_function(folded_sinerelu, (x, epsilon, form, inplace))
-        new.meta = dict(final.meta)
-        final.replace_all_uses_with(new)
-        for old in pattern:  # users first
-            graph.erase_node(old)
-        folded += 1
-    if folded:
-        graph.lint()
-        graph_module.recompile()
-    return folded
-
-
-def swapped_site_name(node: Any) -> str | None:
-    """The site name `swap_exported` gave a functional ReLU it wrote out as SineReLU (in `custom` metadata)."""
-    custom = node.meta.get("custom") if isinstance(node, torch.fx.Node) else None
-    name = custom.get(SWAPPED_SITE_KEY) if isinstance(custom, dict) else None
-    return name if isinstance(name, str) else None
-
-
-def _tagged(node: Any) -> bool:
-    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
-        return False
-    if swapped_site_name(node) is not None:
-        return True
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return False
-    cls = list(stack.values())[-1][1]
-    name = cls if isinstance(cls, str) else f"{getattr(cls, '__module__', '')}.{getattr(cls, '__qualname__', '')}"
-    return name == _SINERELU_CLASS
-
-
-def _is(node: Any, op: Any) -> bool:
-    return _tagged(node) and node.target is op
-
-
-def _first_arg(node: Any) -> Any:
-    return node.args[0] if _tagged(node) and node.args else None
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _sine_branch(mul: Any, argument: Any) -> tuple[float, list[torch.fx.Node]] | None:
-    """`mul(sin(sub(argument, pi/4)), scale)` -> (scale, [mul, sin, sub])."""
-    aten = torch.ops.aten
-    if not _is(mul, aten.mul.Tensor) or len(mul.args) != 2 or not _number(mul.args[1]):
-        return None
-    sine = mul.args[0]
-    if not _is(sine, aten.sin.default):
-        return None
-    sub = sine.args[0]
-    if not _is(sub, aten.sub.Tensor) or len(sub.args) != 2 or sub.kwargs or sub.args[0] is not argument:
-        return None
-    if not _number(sub.args[1]) or abs(float(sub.args[1]) - math.pi / 4) > 1e-12:
-        return None
-    return float(mul.args[1]), [mul, sine, sub]
-
-
-def _epsilon(scale: float) -> float | None:
-    """The epsilon whose eps * sqrt(2) is `scale` (as `_decompose` computed it), or None if none is valid."""
-    root = math.sqrt(2.0)
-    guess = scale / root
-    for candidate in (guess, math.nextafter(guess, math.inf), math.nextafter(guess, -math.inf)):
-        if candidate * root == scale:
-            guess = candidate
-            break
-    return guess if math.isfinite(guess) and guess >= 0 else None
-
-
-def _match_sinerelu(
-    end: torch.fx.Node,
-) -> tuple[torch.fx.Node, float, str, bool, torch.fx.Node, list[torch.fx.Node]] | None:
-    """(x, epsilon, form, inplace, final node, nodes to erase users-first) when `end` ends a decomposition."""
-    aten = torch.ops.aten
-    args: tuple[Any, ...] = tuple(end.args)
-    positive: Any
-    x: Any
-    mul: Any
-    if _is(end, aten.where.self) and len(args) == 3:
-        positive, x, mul = args
-        clamp = _first_arg(_first_arg(_first_arg(mul)))  # mul(sin(sub(clamp, ...)), ...)
-        if not (
-            _is(clamp, aten.clamp.default)
-            and tuple(clamp.args) == (x, None, 0.0)
-            and not clamp.kwargs
-            and _is(positive, aten.gt.Scalar)
-            and tuple(positive.args) == (x, 0.0)
-        ):
-            return None
-        branch = _sine_branch(mul, clamp)
-        form = "piecewise"
-        inner = [positive, clamp]
-    elif _is(end, aten.maximum.default) and len(args) == 2:
-        mul, x = args
-        branch = _sine_branch(mul, x)
-        form = "max"
-        inner = []
-    else:
-        return None
-    if branch is None or not isinstance(x, torch.fx.Node):
-        return None
-    scale, chain = branch
-    epsilon = _epsilon(scale)
-    if epsilon is None:
-        return None
-    pattern = [end, *chain, *inner]
-    # Nothing outside the decomposition may read its intermediate values.
-    if any(user not in pattern for node in pattern[1:] for user in node.users):
-        return None
-    final, inplace = end, False
-    users = list(end.users)
-    if len(users) == 1 and _is(users[0], aten.copy_.default) and tuple(users[0].args) == (x, end):
-        final, inplace = users[0], True
-        pattern.insert(0, final)
-    return x, epsilon, form, inplace, final, pattern

@@ -17,7 +17,7 @@ Three kinds of model, three mechanisms:
   plain `torch.export.load`, without deadneuron installed. The new nodes are tagged as a SineReLU (in
   `nn_module_stack` for a module; for a functional ReLU, the name a scan gives the call, in the nodes' `custom`
   metadata), so that a scan of the saved program folds each back into one site under the ReLU's name
-  (`sites.fold_sinerelu`).
+  (`decomposed.fold_sinerelu`).
 
 Epsilon per site (design.md: the article's 0.0025 after convolutions, 0.025 after dense layers). "After" means:
 - for a module site, the nearest Conv/Linear module before it in the model's registration order (`named_modules()`);
@@ -30,29 +30,29 @@ Epsilon per site (design.md: the article's 0.0025 after convolutions, 0.025 afte
 from __future__ import annotations
 
 import copy
-import math
 import types
 import warnings
-from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..core.options import SwapOptions
-from ..core.sinerelu import Form
+from ..core.options import SwapKeywords, SwapOptions
 from ..core.swap import nearest, write_then_rename
 from ..errors import DeadNeuronError
-from .kinds import SWAPPED_SITE_KEY, call_name, function_spec, is_inplace, module_kind, module_kinds
+from .decomposed import activation_entry, decompose, without_activation_entry
+from .kinds import function_spec, is_inplace, layer_of, module_kind, module_kinds
 from .sinerelu import SineReLU
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "copy_model", "site_epsilons", "swap", "swap_exported", "swap_file", "swap_for_scan", "swap_graph_module",
     "swap_model", "swap_module",
 ]
 
-_QUARTER_PI = math.pi / 4
 
 _CONV_MODULES: tuple[type[nn.Module], ...] = (
     nn.Conv1d,
@@ -65,80 +65,13 @@ _CONV_MODULES: tuple[type[nn.Module], ...] = (
 _DENSE_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Bilinear)
 
 
-def _layer_functions() -> dict[Any, str]:
-    """Functions (eager and aten) after which an activation is 'after a conv' or 'after a dense layer'."""
-    F = torch.nn.functional
-    table: dict[Any, str] = {}
-    conv_functions: tuple[Any, ...] = (
-        F.conv1d,
-        F.conv2d,
-        F.conv3d,
-        F.conv_transpose1d,
-        F.conv_transpose2d,
-        F.conv_transpose3d,
-        torch.conv1d,
-        torch.conv2d,
-        torch.conv3d,
-    )
-    dense_functions: tuple[Any, ...] = (
-        F.linear, F.bilinear, torch.addmm, torch.matmul, torch.Tensor.matmul, torch.mm, torch.bmm
-    )
-    table.update({fn: "conv" for fn in conv_functions})
-    table.update({fn: "dense" for fn in dense_functions})
-    aten = torch.ops.aten
-    for op in (
-        "convolution",
-        "conv1d",
-        "conv2d",
-        "conv3d",
-        "conv_transpose1d",
-        "conv_transpose2d",
-        "conv_transpose3d",
-        "_convolution",
-        "mkldnn_convolution",
-    ):
-        if hasattr(aten, op):
-            table[getattr(aten, op)] = "conv"
-    for op in ("linear", "addmm", "mm", "bmm", "matmul", "bilinear"):
-        if hasattr(aten, op):
-            table[getattr(aten, op)] = "dense"
-    return table
-
-
-_LAYER_FUNCTIONS = _layer_functions()
-
-
-def _layer_of(func: Any) -> str | None:
-    try:
-        layer = _LAYER_FUNCTIONS.get(func)
-    except TypeError:  # unhashable callables
-        return None
-    if layer is None:
-        packet = getattr(func, "overloadpacket", None)
-        if packet is not None:
-            layer = _LAYER_FUNCTIONS.get(packet)
-    return layer
-
-
-def swap(
-    model: Any,
-    *,
-    to: str = "sinerelu",
-    epsilon: float | None = None,
-    epsilon_conv: float | None = None,
-    epsilon_dense: float | None = None,
-    form: Form = "piecewise",
-    include: Sequence[str] | str = ("relu",),
-) -> Any:
+def swap(model: Any, **options: Unpack[SwapKeywords]) -> Any:
     """A new model with every ReLU site replaced by SineReLU; `model` is left as it was.
 
     An `nn.Module` gives an `nn.Module`, an `ExportedProgram` gives an `ExportedProgram` that runs without
     deadneuron, a torch.export graph module gives a graph module.
     """
-    options = SwapOptions.make(
-        to=to, epsilon=epsilon, epsilon_conv=epsilon_conv, epsilon_dense=epsilon_dense, form=form, include=include
-    )
-    return swap_model(model, options)
+    return swap_model(model, SwapOptions.make(**options))
 
 
 def swap_model(model: Any, options: SwapOptions) -> Any:
@@ -293,7 +226,7 @@ class _FunctionalSwap(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
     ) -> Any:
         kwargs = kwargs or {}
-        layer = _layer_of(func)
+        layer = layer_of(func)
         if layer is not None:
             self.last = layer
             return func(*args, **kwargs)
@@ -327,28 +260,9 @@ def _graph_epsilons(
     graph: torch.fx.Graph, nodes: list[torch.fx.Node], options: SwapOptions
 ) -> dict[torch.fx.Node, float]:
     order = list(graph.nodes)
-    layers = [_layer_of(n.target) if n.op == "call_function" else None for n in order]
+    layers = [layer_of(n.target) if n.op == "call_function" else None for n in order]
     position = {n: i for i, n in enumerate(order)}
     return {n: options.epsilons[nearest(layers, position[n])] for n in nodes}
-
-
-def _activation_entry(node: torch.fx.Node) -> tuple[str, str] | None:
-    """The (path, class) of the activation module that made this node, from `nn_module_stack`, if any."""
-    from .kinds import module_kinds_by_name
-
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return None
-    path, cls = list(stack.values())[-1]
-    name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
-    return (path, name) if name in module_kinds_by_name() else None
-
-
-def _without_activation_entry(node: torch.fx.Node) -> dict[str, Any]:
-    stack = dict(node.meta.get("nn_module_stack") or {})
-    if _activation_entry(node) is not None:
-        stack.pop(list(stack)[-1])
-    return stack
 
 
 def swap_graph_module(model: torch.fx.GraphModule, options: SwapOptions) -> torch.fx.GraphModule:
@@ -361,14 +275,14 @@ def swap_graph_module(model: torch.fx.GraphModule, options: SwapOptions) -> torc
     for index, node in enumerate(nodes):
         spec = function_spec(node.target, tuple(node.args), dict(node.kwargs))
         inplace = spec is not None and is_inplace(spec, tuple(node.args), dict(node.kwargs))
-        entry = _activation_entry(node)
+        entry = activation_entry(node)
         path = _free_path(swapped, entry[0] if entry and entry[0] else f"sinerelu_{index}", made)
         if path not in made:
             made[path] = SineReLU(epsilons[node], options.form, inplace=inplace)
             swapped.add_submodule(path, made[path])
         with graph.inserting_before(node):
             new = graph.call_module(path, (node.args[0],))
-        new.meta = {**node.meta, "nn_module_stack": _without_activation_entry(node)}
+        new.meta = {**node.meta, "nn_module_stack": without_activation_entry(node)}
         node.replace_all_uses_with(new)
         graph.erase_node(node)
     graph.lint()
@@ -399,65 +313,10 @@ def swap_exported(program: torch.export.ExportedProgram, options: SwapOptions) -
     nodes = _graph_activation_nodes(graph, options.include)
     epsilons = _graph_epsilons(graph, nodes, options)
     for node in nodes:
-        _decompose(graph, node, epsilons[node], options.form)
+        decompose(graph, node, epsilons[node], options.form)
     graph.lint()
     swapped.graph_module.recompile()
     return swapped
-
-
-def _decompose(graph: torch.fx.Graph, node: torch.fx.Node, epsilon: float, form: str) -> None:
-    """Replace one activation node by SineReLU in aten ops; autograd's derivative of them is SineReLU's
-    (clamp passes the gradient at its bound, so f'(0) = eps*(cos 0 + sin 0) = eps, as in `sinerelu`)."""
-    aten = torch.ops.aten
-    x = node.args[0]
-    assert isinstance(x, torch.fx.Node)
-    fake = x.meta.get("val")
-    fake_mode = getattr(fake, "fake_mode", None)
-    scale = epsilon * math.sqrt(2.0)
-    meta = dict(node.meta)
-    spec = function_spec(node.target, tuple(node.args), dict(node.kwargs))  # None for nothing but activations
-    inplace = spec is not None and is_inplace(spec, tuple(node.args), dict(node.kwargs))
-    # Say what the nodes are, so that a scan of the saved program folds them back into one SineReLU site
-    # (`sites.fold_sinerelu`) under the name the ReLU had. A module's nodes name SineReLU as their module's class
-    # in nn_module_stack; a functional call's nodes carry the name a scan gives the call (`block.relu()`) in the
-    # node's `custom` metadata, which torch.export saves and which adds no module (`torch.export.unflatten` builds
-    # modules from nn_module_stack).
-    entry = _activation_entry(node)
-    if entry is not None:
-        stack = dict(meta["nn_module_stack"])
-        stack[list(stack)[-1]] = (entry[0], f"{SineReLU.__module__}.{SineReLU.__qualname__}")
-        meta["nn_module_stack"] = stack
-    else:
-        stack = meta.get("nn_module_stack") or {}
-        owner = list(stack.values())[-1][0] if stack else ""
-        name = call_name(owner, spec.label if spec is not None else "relu")
-        meta["custom"] = {**(meta.get("custom") or {}), SWAPPED_SITE_KEY: name}
-    base = f"{node.name}_sinerelu"
-
-    def emit(op: Any, *args: Any) -> torch.fx.Node:
-        new = graph.create_node("call_function", op, args, name=f"{base}_{op.overloadpacket.__name__}")
-        new.meta = {k: v for k, v in meta.items() if k != "val"}
-        if fake_mode is not None:
-            with fake_mode:
-                new.meta["val"] = op(*[a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args])
-        return new
-
-    with graph.inserting_before(node):
-        if form == "max":
-            shifted = emit(aten.sub.Tensor, x, _QUARTER_PI)
-            sine = emit(aten.mul.Tensor, emit(aten.sin.default, shifted), scale)
-            out = emit(aten.maximum.default, sine, x)
-        else:
-            positive = emit(aten.gt.Scalar, x, 0.0)
-            # The sine sees min(z, 0): +inf must not become sin(inf) = nan.
-            clamped = emit(aten.clamp.default, x, None, 0.0)
-            shifted = emit(aten.sub.Tensor, clamped, _QUARTER_PI)
-            sine = emit(aten.mul.Tensor, emit(aten.sin.default, shifted), scale)
-            out = emit(aten.where.self, positive, x, sine)
-        if inplace:
-            out = emit(aten.copy_.default, x, out)
-    node.replace_all_uses_with(out)
-    graph.erase_node(node)
 
 
 def swap_file(model: Any, output: str, options: SwapOptions) -> int:
