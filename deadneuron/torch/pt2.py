@@ -40,6 +40,9 @@ EXPECTED = "a file written by torch.export.save"
 JSON_LIMIT = 64 << 20  # model.json of a large transformer is a few MB
 CONFIG_LIMIT = 16 << 20
 SAMPLE_INPUTS_LIMIT = 256 << 20
+# torch.export.save stores members uncompressed; a compressed one (re-zipped, or crafted) may expand only this
+# far, so a small file cannot grow to the caps above in memory.
+INFLATE_LIMIT = 8 << 20
 SMALL_LIMIT = 4096  # archive_format, byteorder, versions
 MODEL = "model"  # torch.export.save names its one program "model"
 
@@ -338,9 +341,14 @@ def _pickle_globals_note(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> str
 
 
 # 2-4. reading the pieces ----------------------------------------------------------------------------------------
+def _cap(info: zipfile.ZipInfo, limit: int) -> int:
+    """A member's cap: `limit` when stored (its bytes are on disk), at most INFLATE_LIMIT when compressed."""
+    return limit if info.compress_type == zipfile.ZIP_STORED else min(limit, INFLATE_LIMIT)
+
+
 def _json(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, path: str) -> Any:
     where = f"{path} (member {info.filename})"
-    data = read_member(archive, info, limit=limit, what=path)
+    data = read_member(archive, info, limit=_cap(info, limit), what=path)
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as error:
@@ -441,7 +449,7 @@ def _sample_inputs(archive: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo]
     info = members.get(f"data/sample_inputs/{MODEL}.pt")
     if info is None:
         return None
-    data = read_member(archive, info, limit=SAMPLE_INPUTS_LIMIT, what=path)
+    data = read_member(archive, info, limit=_cap(info, SAMPLE_INPUTS_LIMIT), what=path)
     where = f"{path} (member {info.filename})"
     if not data:
         return None
