@@ -266,6 +266,27 @@ def test_without_step_calls_tensorboard_gets_every_window(tmp_path):
     assert {"deadneuron/dormant_fraction", "deadneuron/grad_dead_fraction"} <= set(tags["scalars"])
 
 
+def test_a_writer_with_add_scalar_only_gets_the_scalars():
+    class Scalars:  # the whole writer interface the monitor needs (tensorboardX and others add histograms)
+        def __init__(self):
+            self.points = []
+
+        def add_scalar(self, tag, value, step):
+            self.points.append((tag, value, step))
+
+    model = _model("mlp")
+    writer = Scalars()
+    with DeadNeuronMonitor(model, every=1, window=2, writer=writer) as monitor:
+        _train_counting(model, monitor, _batches("mlp", 3), "forward")
+    steps = sorted({step for _, _, step in writer.points})
+    assert steps == [2, 3]  # the window end and the partial window closed at the exit
+    tags = {tag for tag, _, step in writer.points if step == 2}
+    assert {"deadneuron/dead_fraction", "deadneuron/dormant_fraction", "deadneuron/grad_dead_fraction",
+            "deadneuron/dead_fraction/act", "deadneuron/grad_dead_fraction/relu()"} <= tags
+    assert dict((tag, value) for tag, value, step in writer.points if step == 2)["deadneuron/dead_fraction/act"] \
+        == len(DEAD) / 64
+
+
 def test_validation_forwards_are_not_training_forwards():
     model = _model("mlp")
     batches = _batches("mlp", 2)

@@ -111,13 +111,12 @@ class DeadNeuronMonitor:
     >>> from torch import nn
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    >>> with DeadNeuronMonitor(model, every=1, window=2) as monitor:
+    >>> with DeadNeuronMonitor(model, every=1, window=2) as monitor:  # no call in the loop: it counts steps
     ...     for _ in range(2):
     ...         loss = model(torch.randn(16, 4)).square().mean()
     ...         opt.zero_grad(); loss.backward(); opt.step()
-    ...         _ = monitor.step()  # returns the Report when a window ends
-    >>> monitor.report().samples
-    32
+    >>> monitor.steps, monitor.report().samples
+    (2, 32)
     """
 
     def __init__(
