@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=DEFAULT_WINDOW)
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--chunks", type=int, default=400, help="alternating chunks for the step counters' cost")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), every={DEFAULT_EVERY}, window={DEFAULT_WINDOW}, "
@@ -72,6 +73,7 @@ def main() -> None:
           "| median per-round ratio |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     accounts: list[tuple[str, tuple[float, float, float, float]]] = []
+    counters: list[tuple[str, str, float, float]] = []
     variants: list[str | None] = [None, *USAGES]
     for name, build in (("MLP 20-64-32-10, batch 64", mlp), ("CNN 1-8-16 conv, 8x8, batch 64", cnn)):
         torch.manual_seed(0)
@@ -95,6 +97,7 @@ def main() -> None:
             print(f"| {name} | {label} | {1e3 * bare:.3f} | {1e3 * watched:.3f} | {watched / bare:.3f} "
                   f"| {statistics.median(ratios[usage]):.3f} |")
         accounts.append((name, accounting(model, x, y, opt, args.rounds)))
+        counters.extend((name, usage, *counter_cost(model, x, y, opt, usage, args.chunks)) for usage in COUNTERS)
     print("\nPer-step accounting (step() calls): one monitor left running, each step timed by its position in the")
     print("sampling cycle; the extra of a cycle is what its attaching, hooked and following steps cost over an")
     print("unhooked step; the cost adds one window end per window.")
@@ -103,6 +106,50 @@ def main() -> None:
     for name, (plain, hooked, extra, end) in accounts:
         cost = (extra * DEFAULT_WINDOW / DEFAULT_EVERY + end) / (plain * DEFAULT_WINDOW)
         print(f"| {name} | {plain:.0f} | {hooked:.0f} | {extra:.0f} | {end:.0f} | {100 * cost:.1f}% |")
+    print(f"\nStep counters without step() calls: {CHUNK}-step chunks, bare and with the counter alone (nothing")
+    print(f"sampled), alternating {args.chunks} times; the median per-chunk difference. Their cost adds to the cost")
+    print("above, since the sampled steps' work is the same in every usage.")
+    print("| model | usage | bare step (us) | counter (us per step) | counter | total cost |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    totals = {name: (extra * DEFAULT_WINDOW / DEFAULT_EVERY + end) / (plain * DEFAULT_WINDOW)
+              for name, (plain, _, extra, end) in accounts}
+    for name, usage, bare_us, extra_us in counters:
+        share = extra_us / bare_us
+        print(f"| {name} | {USAGES[usage]} | {bare_us:.0f} | {extra_us:.1f} | {100 * share:.1f}% "
+              f"| {100 * (share + totals[name]):.1f}% |")
+
+
+COUNTERS = ("forward", "optimizer")
+CHUNK = 25
+
+
+def counter_cost(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, usage: str,
+                 chunks: int) -> tuple[float, float]:
+    """(median bare step, median extra per step of the step counter alone), in microseconds: a monitor that never
+    samples after its first step, started and stopped around its chunks (outside the timing)."""
+    monitor = DeadNeuronMonitor(model, every=10**9, window=10**9, optimizer=opt if usage == "optimizer" else None)
+
+    def run(steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return 1e6 * (time.perf_counter() - start) / steps
+
+    monitor.start()
+    run(2)  # step 0, the only sampled one, and the step that takes its hooks off
+    monitor.stop(close=False)
+    bare, extra = [], []
+    for _ in range(chunks):
+        plain = run(CHUNK)
+        monitor.start()
+        counted = run(CHUNK)
+        monitor.stop(close=False)
+        bare.append(plain)
+        extra.append(counted - plain)
+    return statistics.median(bare), statistics.median(extra)
 
 
 def accounting(

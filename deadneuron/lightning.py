@@ -87,6 +87,7 @@ class DeadNeuronCallback(Callback):
             atol=self.atol,
             gtol=self.gtol,
             name=type(pl_module).__name__,
+            count_steps=False,  # on_train_batch_end ends each step
         )
         if self._restored is not None:
             self.monitor.load_state_dict(self._restored, statistics=trainer.global_rank == 0)

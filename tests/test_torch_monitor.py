@@ -219,6 +219,15 @@ def test_with_an_optimizer_accumulated_forwards_are_one_step():
     _assert_same(monitor.report(), _scan(model, batches[::2]))
 
 
+def test_count_steps_false_leaves_the_count_to_step_calls_from_the_start():
+    model = _model("mlp")
+    batches = _batches("mlp", 4)
+    with DeadNeuronMonitor(model, every=2, window=4, count_steps=False) as monitor:
+        _train_counting(model, monitor, batches, "step", accumulate=2)  # two forwards a step
+    assert monitor.steps == 4
+    _assert_same(monitor.report(), _scan(model, batches[::2]))
+
+
 def test_a_short_run_reports_at_exit_and_close_window_ends_a_window_early():
     model = _model("mlp")
     with DeadNeuronMonitor(model, every=2, window=1000) as monitor:

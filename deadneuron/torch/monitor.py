@@ -8,7 +8,8 @@ differs: the scan runs its own forward and backward passes; the monitor observes
   is right with gradient accumulation too. Without, a step ends when the next training forward of the model begins
   (a forward pre-hook on the model as passed, which costs one Python call per forward), and the last one at the
   monitor's exit. Calling `monitor.step()` (after `optimizer.step()`) instead is explicit and robust to several
-  forward calls per step: from the first call on, the monitor counts only those calls (never a step twice).
+  forward calls per step: from the first call on (from the start with `count_steps=False`, as the Lightning
+  callback does), the monitor counts only those calls (never a step twice).
 - Sampling: hooks are attached only for sampled steps (step k, from 0, when k % every == 0), from the end of the
   step before to the end of that step; unsampled steps run the bare model. The figures describe the sampled steps
   only. A forward is observed when the model runs in train mode with autograd on; its gradient statistics come
@@ -133,6 +134,7 @@ class DeadNeuronMonitor:
         unit_axis: int | None = None,
         name: str | None = None,
         optimizer: Any = None,
+        count_steps: bool = True,
     ) -> None:
         check_options(every=every, window=window, alert=alert, atol=atol, gtol=gtol)
         if optimizer is not None and not callable(getattr(optimizer, "register_step_post_hook", None)):
@@ -153,7 +155,7 @@ class DeadNeuronMonitor:
         self.name = name or type(self.module).__name__
         self.steps = 0  # completed steps
         self._window_start = 0  # the step the window in progress began at
-        self._explicit = False  # the user calls step(): count only those calls
+        self._explicit = not count_steps  # the user calls step(): count only those calls
         self._forwarded = False  # a training forward ran in the step in progress
         self._counting: Any = None  # the step counter's hook handle
         self._counted_report: Report | None = None  # the window the optimizer's hook ended at the first step() call
@@ -187,10 +189,12 @@ class DeadNeuronMonitor:
         self._watcher.paused = True
         self._restore_pending()
         self._running = True
-        if self.optimizer is not None:
-            self._counting = self.optimizer.register_step_post_hook(self._on_optimizer_step)
-        elif not self._explicit:
-            self._counting = self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+        if not self._explicit:
+            self._counting = (
+                self.optimizer.register_step_post_hook(self._on_optimizer_step)
+                if self.optimizer is not None
+                else self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+            )
         if self._sampled(self.steps):
             self._attach()
         return self
@@ -294,9 +298,8 @@ class DeadNeuronMonitor:
             self._root_pre(model, args, kwargs)
 
     def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if not self._explicit:
-            self._counted_report = self._end_step()
-            self._counted = True
+        self._counted_report = self._end_step()
+        self._counted = True
 
     def step(self) -> Report | None:
         """End a training step (call it after `optimizer.step()`); returns the window's Report when a window ended.
@@ -308,7 +311,7 @@ class DeadNeuronMonitor:
             )
         if not self._explicit:
             self._explicit = True
-            if self.optimizer is None and self._counting is not None:
+            if self._counting is not None:
                 self._counting.remove()
                 self._counting = None
             if self._counted:  # the optimizer's hook already ended this step
