@@ -38,25 +38,29 @@ def cnn() -> tuple[nn.Module, torch.Tensor]:
 USAGES = {"step": "step() calls", "forward": "no calls", "optimizer": "optimizer="}
 
 
-def block(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, steps: int,
-          usage: str | None) -> float:
-    """Seconds per training step over `steps` steps, bare (`usage=None`) or monitored in one of USAGES."""
-    monitor = None
-    if usage is not None:
-        monitor = DeadNeuronMonitor(model, optimizer=opt if usage == "optimizer" else None).start()
-    calls = usage == "step"
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, steps: int,
+          monitor: DeadNeuronMonitor | None = None) -> float:
+    """Seconds per training step over `steps` steps; `monitor.step()` after each when a monitor is given."""
     start = time.perf_counter()
     for _ in range(steps):
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if calls:
-            monitor.step()  # type: ignore[union-attr]
-    elapsed = time.perf_counter() - start
-    if monitor is not None:
-        monitor.stop(close=False)
-    return elapsed / steps
+        if monitor is not None:
+            monitor.step()
+    return (time.perf_counter() - start) / steps
+
+
+def block(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, steps: int,
+          usage: str | None) -> float:
+    """Seconds per training step over `steps` steps, bare (`usage=None`) or monitored in one of USAGES."""
+    if usage is None:
+        return train(model, x, y, opt, steps)
+    monitor = DeadNeuronMonitor(model, optimizer=opt if usage == "optimizer" else None).start()
+    seconds = train(model, x, y, opt, steps, monitor if usage == "step" else None)
+    monitor.stop(close=False)
+    return seconds
 
 
 def main() -> None:
@@ -130,13 +134,7 @@ def counter_cost(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.
     monitor = DeadNeuronMonitor(model, every=10**9, window=10**9, optimizer=opt if usage == "optimizer" else None)
 
     def run(steps: int) -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return 1e6 * (time.perf_counter() - start) / steps
+        return 1e6 * train(model, x, y, opt, steps)
 
     monitor.start()
     run(2)  # step 0, the only sampled one, and the step that takes its hooks off
@@ -160,11 +158,7 @@ def accounting(
     per_position: list[list[float]] = [[] for _ in range(DEFAULT_EVERY)]
 
     def step() -> None:
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        monitor.step()
+        train(model, x, y, opt, 1, monitor)
 
     step()  # position 0 of the first cycle: hooked
     for _ in range(cycles):
