@@ -374,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("DEADNEURON_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
+    if "--no-color" in args:  # accepted anywhere, like --debug; rich honours NO_COLOR (https://no-color.org)
+        args = [a for a in args if a != "--no-color"]
+        os.environ["NO_COLOR"] = "1"
     try:
         with cli_quiet(silence_imports=not debug):
             # Standalone mode: typer handles usage errors (exit 2) and --help itself and always ends in SystemExit.
