@@ -144,3 +144,11 @@ def test_torch_compile_sees_one_graph_with_no_break():
     for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     torch._dynamo.reset()
+
+
+def test_create_graph_gives_the_gradient_and_refuses_a_second_derivative():
+    x = torch.randn(64, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(sinerelu(x).sum(), x, create_graph=True)
+    np.testing.assert_allclose(grad.detach().numpy(), sinerelu_grad_reference(x.detach().numpy()), rtol=1e-12)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):  # never a silent zero
+        grad.sum().backward()

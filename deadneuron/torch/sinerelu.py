@@ -49,6 +49,7 @@ _SQRT2 = math.sqrt(2.0)
 # 128K to 2M were within the noise of a shared machine.
 CHUNK_ELEMENTS = 1 << 18
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -281,10 +282,18 @@ class _SineReLUFunction(torch.autograd.Function):
         return _forward(x, epsilon, form)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative is refused, as once_differentiable does
+            return _backward_once(ctx, grad)
+        # The common case skips once_differentiable's wrapper: the engine already runs this without grad mode.
         (x,) = ctx.saved_tensors
         return _backward(x, grad, ctx.epsilon, ctx.form), None, None
+
+
+@once_differentiable
+def _backward_once(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+    (x,) = ctx.saved_tensors
+    return _backward(x, grad, ctx.epsilon, ctx.form), None, None
 
 
 class _SineReLUInplaceFunction(torch.autograd.Function):
@@ -337,7 +346,8 @@ def sinerelu(
 
 def _apply(x: Tensor, epsilon: float, form: str, inplace: bool) -> Tensor:
     """`sinerelu` with epsilon and form already checked (the module checks them once, in __init__)."""
-    _compute_dtype(x.dtype)
+    if x.dtype not in _FLOAT_DTYPES:
+        _compute_dtype(x.dtype)  # refuses integer tensors
     if torch.compiler.is_compiling() or torch.compiler.is_exporting():
         if inplace:
             # The clone is what the composition's backward keeps: x itself is overwritten here (as the eager
