@@ -114,12 +114,23 @@ def fill(stream: IO[bytes], buffer: memoryview, *, what: str) -> None:
 def check_stored_zip(data: bytes, *, what: str, expected: str) -> None:
     """A zip held in memory (a file nested in an archive) whose members are all stored: it then holds no more
     than its own size, whatever reader opens it later."""
-    with open_zip(io.BytesIO(data), what=what, kind="a zip archive", expected=expected) as nested:
+    _check_stored(io.BytesIO(data), len(data), what=what, kind="a zip archive", expected=expected)
+
+
+def check_stored_zip_file(path: str, *, kind: str, expected: str) -> None:
+    """The same for a zip file on disk (a torch.save file: torch's reader opens it next)."""
+    import os
+
+    _check_stored(path, os.path.getsize(path), what=path, kind=kind, expected=expected)
+
+
+def _check_stored(source: str | IO[bytes], size: int, *, what: str, kind: str, expected: str) -> None:
+    with open_zip(source, what=what, kind=kind, expected=expected) as archive:
         total = 0
-        for info in nested.infolist():
+        for info in archive.infolist():
             total += info.file_size
-            if info.compress_type != zipfile.ZIP_STORED or total > len(data):
+            if info.compress_type != zipfile.ZIP_STORED or total > size:
                 raise DeadNeuronError(
-                    f"{what}: the nested member {info.filename} is compressed or larger than its archive; "
-                    f"refused; expected {expected}"
+                    f"{what}: the member {info.filename} is compressed or larger than its archive; refused (a "
+                    f"small file must not expand in memory); expected {expected}"
                 )

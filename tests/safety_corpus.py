@@ -240,6 +240,31 @@ def pt2_cases(folder: Path, bombs: bool) -> list[Case]:
     return cases
 
 
+def state_dict_cases(folder: Path, bombs: bool) -> list[Case]:
+    import torch
+
+    from tests import torch_zoo as zoo
+
+    marker = folder / MARKER
+    good = folder / "weights.pt"
+    torch.save(zoo.mlp().state_dict(), good)
+    scan = ["scan", "--arch", "tests/torch_zoo.py:MLP", "--samples", "4"]
+    payload = pickle.dumps(Payload(marker), protocol=2)
+    cases = [
+        Case("state dict: duplicate data.pkl", rewrite(good, folder / "duplicate.pt",
+                                                        lambda n, d: [payload, d] if n == "data.pkl" else d),
+             scan, message="appears twice"),
+    ]
+    if bombs:
+        first = next(n for n in zipfile.ZipFile(good).namelist() if n.endswith("/data/0"))
+        record = first.split("/", 1)[1]
+        cases.append(Case("zip bomb: state dict member",
+                          rewrite(good, folder / "bomb.pt", lambda n, d: None if n == record else d,
+                                  add=[(record, ("bomb", b"\0", b""))]),
+                          scan, message="compressed", bomb=True, baseline=["scan", str(good), *scan[1:]]))
+    return cases
+
+
 # data and Keras files --------------------------------------------------------------------------------------------
 SAMPLES = Path(__file__).resolve().parents[1] / "deadneuron" / "samples"
 
@@ -324,7 +349,12 @@ def build(folder: Path, *, bombs: bool = True) -> list[Case]:
     """Every case, its files written into `folder`; `bombs=False` leaves out the zip bombs (slow to write)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / VICTIM).write_bytes(VICTIM_TEXT)
-    return pt2_cases(folder, bombs) + data_cases(folder, bombs) + keras_cases(folder, bombs)
+    return (
+        pt2_cases(folder, bombs)
+        + state_dict_cases(folder, bombs)
+        + data_cases(folder, bombs)
+        + keras_cases(folder, bombs)
+    )
 
 
 # a report on the current checkout ---------------------------------------------------------------------------------

@@ -94,7 +94,21 @@ def _is_torchscript(path: str) -> bool:
     return any(n.endswith("constants.pkl") for n in names) or any("/code/" in n for n in names)
 
 
+def _check_torch_zip(path: str) -> None:
+    """A torch.save zip: the central-directory pass (deadneuron.archive) and every member stored, as torch.save
+    writes them, so torch's own reader cannot read another copy of a name or inflate a member past the file."""
+    from ..archive import ZIP_ERRORS, check_stored_zip_file
+
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except ZIP_ERRORS:
+        return
+    if is_zip:
+        check_stored_zip_file(path, kind="a torch.save file", expected="a file written by torch.save")
+
+
 def _torch_load(path: str, *, unsafe_pickle: bool) -> Any:
+    _check_torch_zip(path)
     if unsafe_pickle:
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
