@@ -79,21 +79,35 @@ def backend(framework: str) -> Backend:
 
 
 def load_model(path: str | os.PathLike[str], **options: Unpack[LoadKeywords]) -> Any:
-    """Load a saved model safely: `.pt2`, a state dict with `arch`, `.keras` or `.h5` (see design.md).
+    """Load a saved model safely: `.pt2`, a state dict with `arch`, `.keras`, `.h5`, or a transformers directory
+    (`save_pretrained`: config.json and safetensors weights, no code from it run) (see design.md).
 
     Options: `arch` (a PyTorch state dict's architecture, FILE.py:NAME or pkg.module:NAME), `unsafe_pickle`
     (a fully pickled torch module: runs code from the file), `unsafe_deserialization` (Keras without safe_mode).
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        return load_transformers_dir(path)
     framework = framework_of_path(path)
     if not os.path.exists(path):
         raise DeadNeuronError(f"model file not found: {path}")
-    if os.path.isdir(path):
-        raise DeadNeuronError(f"{path} is a folder; expected a model file")
     from .filekind import check
 
     check(path, os.path.splitext(path)[1])  # the content matches the name, told before a framework is imported
     return backend(framework).load_model(path, **options)
+
+
+def load_transformers_dir(path: str) -> Any:
+    """The model of a transformers directory (`deadneuron.torch.hf`); a folder that is none is refused."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise DeadNeuronError(
+            f"{path} is a folder without config.json; expected a model file or a transformers model directory "
+            "written by model.save_pretrained(path) (config.json and model.safetensors)"
+        )
+    backend("torch")  # the friendly message when torch is missing
+    from .torch.hf import load_pretrained
+
+    return load_pretrained(path)
 
 
 def scan(
@@ -176,6 +190,8 @@ def swap_file(
     options = SwapOptions.make(**swapping)
     epsilons = options.epsilons
     source, target = os.fspath(model_path), os.fspath(output_path)
+    if os.path.isdir(source):
+        raise DeadNeuronError(STATE_DICT_SWAP.format(path=source))
     framework = framework_of_path(source)
     suffix = os.path.splitext(source)[1].lower()
     out_suffix = os.path.splitext(target)[1].lower()
@@ -219,7 +235,8 @@ def compare(
     `finetune_steps=K` (labels needed), copies of both models train K steps with Adam(lr) on the same batches,
     in data order, cycling over the data; `revival` then counts the formerly dead units (dead under ReLU
     before training) that are no longer dormant after training, for each model. Options: those of `scan` and of
-    `swap` (`to="sinerelu"`, `epsilon`, `epsilon_conv`, `epsilon_dense`, `form`).
+    `swap` (`to="sinerelu"`, `epsilon`, `epsilon_conv`, `epsilon_dense`, `form`, `include`); the comparison says
+    which sites were swapped and why the others were left alone.
     """
     scanning, swapping = split_options(options)
     tuning = TuneOptions(finetune_steps, lr)

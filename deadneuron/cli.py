@@ -33,11 +33,21 @@ app = typer.Typer(
 ModelArg = Annotated[
     Path,
     typer.Argument(
-        help="Saved model: .pt2, a state dict (.pt/.pth/.bin/.safetensors) with --arch, .keras or .h5.",
+        help=(
+            "Saved model: .pt2, a state dict (.pt/.pth/.bin/.safetensors) with --arch, .keras, .h5, or a "
+            "transformers directory (save_pretrained: config.json + model.safetensors)."
+        ),
         show_default=False,
     ),
 ]
-DataOpt = Annotated[Path | None, typer.Option("--data", help="Inputs: .npz with key x (optional y: labels) or .npy.")]
+DataOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data",
+        help="Inputs: .npz with key x (optional y: labels), or with a model's keyword inputs (input_ids, "
+        "attention_mask, ..., labels); or .npy.",
+    ),
+]
 SamplesOpt = Annotated[
     int | None, typer.Option("--samples", help="Scan at most N samples (without --data: N random inputs).")
 ]
@@ -52,7 +62,19 @@ ShapeOpt = Annotated[
     str | None, typer.Option("--input-shape", help="One sample's shape for random inputs, e.g. 3,32,32.")
 ]
 LossOpt = Annotated[
-    str, typer.Option("--loss", help="Gradient source: auto (task loss with labels, else probe), ce, mse, probe, none.")
+    str,
+    typer.Option(
+        "--loss",
+        help="Gradient source: auto (task loss with labels, else probe), ce, mse, model (the loss a transformers "
+        "model computes from its labels), probe, none.",
+    ),
+]
+IncludeOpt = Annotated[
+    str,
+    typer.Option(
+        "--include",
+        help="Kinds to swap, comma-separated: relu (default), relu6 (clipped: swapped uncapped), leaky_relu.",
+    ),
 ]
 AtolOpt = Annotated[float, typer.Option("--atol", help="|output| <= atol counts as zero.")]
 GtolOpt = Annotated[float, typer.Option("--gtol", help="|gradient| <= gtol counts as zero.")]
@@ -162,6 +184,11 @@ def _write_outputs(result: Any, json_path: str | None, html_path: Path | None) -
         from .report.html import to_html
 
         _write_text("--html", html_path, to_html(result))
+
+
+def _kinds(include: str) -> tuple[str, ...]:
+    """`--include relu,relu6` as a tuple of kinds (checked by the swap options)."""
+    return tuple(kind.strip() for kind in include.split(",") if kind.strip())
 
 
 def _load(model: Path, arch: str | None, unsafe_pickle: bool, unsafe_deserialization: bool) -> Any:
@@ -285,6 +312,7 @@ def compare(
         ),
     ] = 0,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate for --finetune-steps.")] = 1e-3,
+    include: IncludeOpt = "relu",
     data: DataOpt = None,
     samples: SamplesOpt = None,
     batch_size: BatchOpt = 64,
@@ -313,6 +341,7 @@ def compare(
         epsilon=epsilon,
         epsilon_conv=epsilon_conv,
         epsilon_dense=epsilon_dense,
+        include=_kinds(include),
         finetune_steps=finetune_steps,
         lr=lr,
         batch_size=batch_size,
@@ -333,6 +362,7 @@ def swap(
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the swapped model (same format).")],
     to: Annotated[str, typer.Option("--to", help="Activation to swap in for ReLU.")] = "sinerelu",
     epsilon: Annotated[float | None, typer.Option("--epsilon", help="SineReLU epsilon for every site.")] = None,
+    include: IncludeOpt = "relu",
     arch: ArchOpt = None,
     unsafe_pickle: PickleOpt = False,
     unsafe_deserialization: UnsafeKerasOpt = False,
@@ -347,6 +377,7 @@ def swap(
         output,
         to=to,
         epsilon=epsilon,
+        include=_kinds(include),
         arch=arch,
         unsafe_pickle=unsafe_pickle,
         unsafe_deserialization=unsafe_deserialization,

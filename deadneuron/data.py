@@ -10,7 +10,7 @@ import mmap
 import os
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,17 +18,60 @@ import numpy as np
 
 from .errors import DeadNeuronError
 
+# The keyword inputs of transformers-style models (what a tokenizer, a processor or a collator returns). A batch
+# mapping without 'x' that holds one of them is the model's keyword arguments; its labels are under LABEL_KEYS.
+MODEL_INPUT_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "position_ids",
+    "inputs_embeds",
+    "pixel_values",
+    "pixel_mask",
+    "input_values",
+    "input_features",
+    "decoder_input_ids",
+    "decoder_attention_mask",
+)
+LABEL_KEYS = ("labels", "label")
+_X_KEYS = ("x", "input", "inputs")
+
 
 @dataclass
 class Dataset:
-    """Inputs and optional labels held as arrays (possibly memory-mapped)."""
+    """Inputs and optional labels held as arrays (possibly memory-mapped). `x` is one array, or a dict of arrays
+    of equal length: the model's keyword inputs (`input_ids`, `attention_mask`, ...)."""
 
-    x: np.ndarray
+    x: np.ndarray | dict[str, np.ndarray]
     y: np.ndarray | None = None
     source: str = "array"
 
     def __len__(self) -> int:
-        return int(self.x.shape[0])
+        return int(_first(self.x).shape[0])
+
+
+def _first(x: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
+    return next(iter(x.values())) if isinstance(x, dict) else x
+
+
+def rows(x: Any, start: int, stop: int) -> Any:
+    return {key: value[start:stop] for key, value in x.items()} if isinstance(x, dict) else x[start:stop]
+
+
+def split_mapping(batch: Any, what: str) -> tuple[Any, Any]:
+    """(x, y) of a mapping: its 'x' and 'y' keys, or the model's keyword inputs (any key but the labels) and the
+    labels when it holds one of MODEL_INPUT_KEYS; DeadNeuronError naming the keys otherwise."""
+    for key in _X_KEYS:
+        if key in batch:
+            return batch[key], batch.get("y", next((batch[k] for k in LABEL_KEYS if k in batch), None))
+    if any(key in batch for key in MODEL_INPUT_KEYS):
+        x = {key: value for key, value in batch.items() if key not in LABEL_KEYS}
+        return x, next((batch[key] for key in LABEL_KEYS if key in batch), None)
+    keys = ", ".join(map(repr, batch)) or "none"
+    raise DeadNeuronError(
+        f"{what} is a mapping with keys {keys}; expected 'x' (and 'y' for labels) or a model's keyword inputs "
+        f"({', '.join(MODEL_INPUT_KEYS[:3])}, pixel_values, ...; labels under 'labels'); rename the keys"
+    )
 
 
 def _check_numeric(array: np.ndarray, what: str, path: str) -> None:
@@ -44,9 +87,10 @@ NPZ_COMPRESSED_LIMIT = 256 << 20
 NPZ_EXPECTED = "a .npz written by numpy.savez with key 'x' (optional 'y')"
 
 
-def _npz_arrays(path: str, samples: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+def _npz_arrays(path: str, samples: int | None) -> tuple[np.ndarray | dict[str, np.ndarray], np.ndarray | None]:
     """x and y of an .npz: stored members memory-mapped, compressed ones decompressed in chunks up to
-    NPZ_COMPRESSED_LIMIT (only the first `samples` rows when given)."""
+    NPZ_COMPRESSED_LIMIT (only the first `samples` rows when given). Without 'x', arrays named after a model's
+    keyword inputs (`input_ids`, `attention_mask`, ...) are x as a dict, and 'labels' (or 'label') is y."""
     from .archive import open_zip
 
     with open_zip(path, what=path, kind="a .npz file", expected=NPZ_EXPECTED) as archive:
@@ -58,10 +102,15 @@ def _npz_arrays(path: str, samples: int | None) -> tuple[np.ndarray, np.ndarray 
                     f"expected {NPZ_EXPECTED}"
                 )
             members[info.filename[:-4]] = info
+        if "x" not in members and any(key in members for key in MODEL_INPUT_KEYS):
+            arrays = {name: _npz_member(path, archive, info, samples) for name, info in members.items()}
+            labels = next((arrays.pop(key) for key in LABEL_KEYS if key in arrays), None)
+            return arrays, labels
         if "x" not in members:
             raise DeadNeuronError(
                 f"{path} has no array named 'x' (it has: {', '.join(members) or 'none'}); save the inputs as "
-                "numpy.savez(path, x=inputs, y=labels)"
+                "numpy.savez(path, x=inputs, y=labels), or a model's keyword inputs as numpy.savez(path, "
+                "input_ids=..., attention_mask=..., labels=...)"
             )
         x = _npz_member(path, archive, members["x"], samples)
         y = _npz_member(path, archive, members["y"], samples) if "y" in members else None
@@ -132,6 +181,7 @@ def load_data_file(path: str | os.PathLike[str], samples: int | None = None) -> 
     from .filekind import check
 
     check(path, suffix, role="data")
+    x: np.ndarray | dict[str, np.ndarray]
     try:
         if suffix == ".npy":
             x = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -166,16 +216,28 @@ def first_line(error: BaseException, limit: int = 160) -> str:
 
 def validate(data: Dataset) -> Dataset:
     source = data.source
-    _check_numeric(data.x, "x", source)
-    if data.x.ndim == 0 or data.x.shape[0] == 0:
-        raise DeadNeuronError(
-            f"{source}: the inputs are empty (shape {tuple(data.x.shape)}); expected at least one sample"
-        )
+    named = data.x if isinstance(data.x, dict) else {"x": data.x}
+    if not named:
+        raise DeadNeuronError(f"{source}: no inputs; expected at least one array of inputs")
+    length = None
+    for name, array in named.items():
+        _check_numeric(array, name, source)
+        if array.ndim == 0 or array.shape[0] == 0:
+            raise DeadNeuronError(
+                f"{source}: the inputs are empty ({'' if array is data.x else name + ' has '}shape "
+                f"{tuple(array.shape)}); expected at least one sample"
+            )
+        if length is not None and array.shape[0] != length:
+            raise DeadNeuronError(
+                f"{source}: {name} has {array.shape[0]} rows but {next(iter(named))} has {length}; expected one row "
+                "per sample in every input"
+            )
+        length = array.shape[0]
     if data.y is not None:
         _check_numeric(data.y, "y", source)
-        if data.y.ndim == 0 or data.y.shape[0] != data.x.shape[0]:
+        if data.y.ndim == 0 or data.y.shape[0] != length:
             raise DeadNeuronError(
-                f"{source}: {data.y.shape[0] if data.y.ndim else 0} labels for {data.x.shape[0]} inputs; expected one "
+                f"{source}: {data.y.shape[0] if data.y.ndim else 0} labels for {length} inputs; expected one "
                 "label per input"
             )
     return data
@@ -187,7 +249,7 @@ def limit(data: Dataset, samples: int | None) -> Dataset:
     if samples <= 0:
         raise DeadNeuronError(f"--samples must be positive, received {samples}")
     y = None if data.y is None else data.y[:samples]
-    return Dataset(x=data.x[:samples], y=y, source=data.source)
+    return Dataset(x=rows(data.x, 0, samples), y=y, source=data.source)
 
 
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -199,7 +261,7 @@ def shard(data: Dataset, rank: int, world: int) -> Dataset:
     """The contiguous slice of the samples that rank `rank` of `world` scans."""
     start, stop = shard_bounds(len(data), rank, world)
     y = None if data.y is None else data.y[start:stop]
-    return Dataset(x=data.x[start:stop], y=y, source=data.source)
+    return Dataset(x=rows(data.x, start, stop), y=y, source=data.source)
 
 
 def _file_region(array: np.ndarray) -> tuple[str, int] | None:
@@ -215,15 +277,21 @@ def _file_region(array: np.ndarray) -> tuple[str, int] | None:
     return str(array.filename), int(root.offset) + (array.ctypes.data - root.ctypes.data)
 
 
-def array_batches(data: Dataset, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+def array_batches(data: Dataset, batch_size: int) -> Iterator[tuple[Any, np.ndarray | None]]:
     """Batches as contiguous host arrays; a memory-mapped file is read one batch at a time.
 
     Inputs in a memory-mapped file are read with plain file reads rather than through the map: pages touched
     through a map count in the process's resident memory until the map closes, so peak RSS would grow with the
-    file; read into a fresh buffer, it stays flat.
+    file; read into a fresh buffer, it stays flat. Keyword inputs (a dict of arrays) are sliced key by key.
     """
     if batch_size <= 0:
         raise DeadNeuronError(f"batch size must be positive, received {batch_size}")
+    if isinstance(data.x, dict):
+        for start in range(0, len(data), batch_size):
+            stop = min(start + batch_size, len(data))
+            named = {key: np.ascontiguousarray(value[start:stop]) for key, value in data.x.items()}
+            yield named, None if data.y is None else np.ascontiguousarray(data.y[start:stop])
+        return
     region = _file_region(data.x)
     handle = open(region[0], "rb") if region is not None else None  # noqa: SIM115 (closed in finally)
     try:
@@ -245,12 +313,10 @@ def array_batches(data: Dataset, batch_size: int) -> Iterator[tuple[np.ndarray, 
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
-    """(x, y) from one item of a user's iterable: a tensor, an (x, y[, ...]) pair, or a dict with x/y keys."""
-    if isinstance(batch, dict):
-        x = batch.get("x", batch.get("input", batch.get("inputs")))
-        if x is None:
-            raise DeadNeuronError(f"a batch dict needs an 'x' key; received keys {', '.join(map(str, batch))}")
-        return x, batch.get("y", batch.get("label", batch.get("labels")))
+    """(x, y) from one item of a user's iterable: a tensor, an (x, y[, ...]) pair (x may be a tuple of positional
+    inputs), or a mapping (`split_mapping`: x/y keys, or keyword inputs and 'labels')."""
+    if isinstance(batch, Mapping):
+        return split_mapping(batch, "a batch")
     if isinstance(batch, (tuple, list)):
         if not batch:
             raise DeadNeuronError("a batch is empty; expected a tensor or an (x, y) pair")
@@ -267,6 +333,12 @@ def as_dataset(data: Any, labels: Any = None) -> Dataset | None:
         return dataset
     if isinstance(data, np.ndarray):
         return validate(Dataset(data, None if labels is None else np.asarray(labels)))
+    if isinstance(data, Mapping):
+        x, y = split_mapping(data, "the data")
+        y = y if labels is None else labels
+        arrays = list(x.values()) if isinstance(x, dict) else [x]
+        if arrays and all(isinstance(a, np.ndarray) for a in arrays) and (y is None or isinstance(y, np.ndarray)):
+            return validate(Dataset(dict(x) if isinstance(x, dict) else x, y))
     if (
         isinstance(data, tuple)
         and len(data) == 2
@@ -278,4 +350,4 @@ def as_dataset(data: Any, labels: Any = None) -> Dataset | None:
 
 
 def is_iterable_of_batches(data: Any) -> bool:
-    return isinstance(data, Iterable) and not isinstance(data, (str, bytes, np.ndarray, tuple, dict))
+    return isinstance(data, Iterable) and not isinstance(data, (str, bytes, np.ndarray, tuple, Mapping))

@@ -169,11 +169,12 @@ def test_comparison_pairs_sites_and_measures_revived_gradient():
     after.grad_nonzero[:] = 2
     after.grad_abs_sum[:] = [0.02, 2.0, 4.0]  # the dead unit gets 1/100 of unit 1's gradient, 1/150 of the median
     site = SiteInfo("act", "relu", 3, 1)
+    swapped = SiteInfo("act", "sinerelu", 3, 1)
     comparison = Comparison.build(
         to="sinerelu",
         epsilon={"dense": 0.025},
         before=Report.build(framework="torch", model="m", loss="probe", sites=[(site, before)]),
-        after=Report.build(framework="torch", model="m", loss="probe", sites=[(site, after)]),
+        after=Report.build(framework="torch", model="m", loss="probe", sites=[(swapped, after)]),
         agreement=1.0,
         output_drift=0.01,
     )

@@ -20,7 +20,7 @@ from deadneuron import DeadNeuronError  # noqa: E402
 from deadneuron.torch.hf import load_pretrained  # noqa: E402
 
 from . import hf_zoo as zoo  # noqa: E402
-from .conftest import ROOT  # noqa: E402
+from .conftest import ROOT, last_line, run_cli  # noqa: E402
 
 STATES = ("dead", "dormant", "grad_dead")
 
@@ -28,6 +28,11 @@ STATES = ("dead", "dormant", "grad_dead")
 @pytest.fixture(scope="module", params=zoo.FAMILIES)
 def family(request):
     return request.param
+
+
+@pytest.fixture(scope="module")
+def opt():
+    return zoo.build("opt")
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +190,13 @@ def _check_against_reference(report, model, family, data):
     assert not report.unobserved
 
 
+def test_scan_of_mapping_batches_matches_the_reference(family, built):
+    data = zoo.batches(family)
+    report = deadneuron.scan(built, data)
+    assert report.loss == ("model" if family == "bert" else "probe")
+    _check_against_reference(report, built, family, data)
+
+
 def test_scan_of_token_ids_alone(family, built):
     ids = torch.cat([batch["input_ids"] for batch in zoo.batches(family)])
     report = deadneuron.scan(built, ids, batch_size=8, loss="probe")
@@ -202,3 +214,109 @@ def test_activation_classes_are_looked_up_never_imported():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["1", "False"]
+
+
+def _save_ids(path, data):
+    """The batches as one .npz of named arrays (input_ids, attention_mask, labels), as a user would save them."""
+    arrays = {key: torch.cat([batch[key] for batch in data]).numpy() for key in data[0]}
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.slow
+def test_cli_scans_a_saved_directory_with_named_arrays(family, built, saved, tmp_path):
+    data = zoo.batches(family)
+    ids = _save_ids(tmp_path / "ids.npz", data)
+    result = run_cli("scan", str(saved), "--data", str(ids), "--batch-size", "8", "--json", "-")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["loss"] == ("model" if family == "bert" else "probe")
+    expected = zoo.reference(built, family, data)
+    assert [layer["name"] for layer in report["layers"]] == [path for path, _ in zoo.activations(built, family)]
+    for layer, want in zip(report["layers"], expected, strict=True):
+        for state in STATES:
+            assert set(layer[f"{state}_units"]) == want[state], (layer["name"], state)
+
+
+def test_cli_scans_and_inspects_a_directory_with_random_token_ids(tmp_path):
+    model = zoo.build("opt")
+    model.save_pretrained(tmp_path / "opt")
+    result = run_cli("scan", str(tmp_path / "opt"), "--samples", "8", "--json", "-")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["samples"] == 8 and len(report["layers"]) == zoo.LAYERS
+    # forced units are found whatever the inputs: [0, 1] dead in layer 0, 3 in layer 1
+    assert [layer["dead_units"] for layer in report["layers"]] == [[0, 1], [3]]
+    result = run_cli("inspect", str(tmp_path / "opt"))
+    assert result.returncode == 0, result.stderr
+    assert "model.decoder.layers.1.activation_fn" in result.stdout
+
+
+def test_random_inputs_of_a_token_model_are_token_ids(built, family):
+    report = deadneuron.scan(built, samples=4, batch_size=2)
+    assert report.samples == 4 and len(report.layers) == zoo.LAYERS
+
+
+def test_cli_user_errors_exit_2_with_one_line(gpt2_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli("scan", str(empty), "--samples", "4")
+    assert result.returncode == 2
+    assert "is a folder without config.json; expected a model file or a transformers model directory" in (
+        last_line(result.stderr)
+    )
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, image=np.zeros((4, 3)), target=np.zeros(4))
+    result = run_cli("scan", str(gpt2_dir), "--data", str(bad))
+    assert result.returncode == 2
+    assert "has no array named 'x' (it has: image, target)" in last_line(result.stderr)
+    _edit_config(gpt2_dir, auto_map={"AutoModel": "modeling_evil.EvilModel"})
+    result = run_cli("inspect", str(gpt2_dir))
+    assert result.returncode == 2
+    assert "remote code" in last_line(result.stderr) and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_without_transformers_exits_2_naming_the_extra(gpt2_dir):
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "from deadneuron.cli import main\n"
+        f"sys.exit(main(['scan', {str(gpt2_dir)!r}, '--samples', '4']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert last_line(result.stderr).endswith("pip install 'deadneuron[hf]'")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_mapping_without_known_keys_is_refused(opt):
+    batch = {"tokens": torch.zeros(2, 4, dtype=torch.long)}
+    with pytest.raises(DeadNeuronError, match=r"a batch is a mapping with keys 'tokens'; expected 'x' .*input_ids"):
+        deadneuron.scan(opt, [batch])
+    with pytest.raises(DeadNeuronError, match=r"the data is a mapping with keys 'tokens'; expected 'x'"):
+        deadneuron.scan(opt, batch)
+
+
+def test_loss_model_needs_a_model_that_takes_labels(opt):
+    data = [{"input_ids": batch["input_ids"]} for batch in zoo.batches("opt")]
+    with pytest.raises(DeadNeuronError, match="loss='model' takes the loss the model computes"):
+        deadneuron.scan(opt, data, loss="model")
+
+
+def test_compare_agreement_is_per_token(opt):
+    data = zoo.batches("opt")
+    comparison = deadneuron.compare(opt, data)
+    assert [entry["kind"] for entry in comparison.to_dict()["swapped"]] == ["relu", "relu"]
+    swapped = deadneuron.swap(opt)
+    with torch.no_grad():
+        same = torch.cat([opt(**b).logits.argmax(-1) == swapped(**b).logits.argmax(-1) for b in data])
+    assert same.shape == (16, zoo.SEQ)
+    assert comparison.agreement == pytest.approx(float(same.double().mean()))
+    assert 0 < comparison.agreement < 1
+
+
+def test_compare_of_a_model_without_relu_swaps_nothing():
+    comparison = deadneuron.compare(zoo.build("gpt2"), zoo.batches("gpt2"))
+    assert comparison.to_dict()["swapped"] == []
+    assert comparison.agreement == 1.0
+    assert comparison.verdict()[0].startswith("Nothing was swapped for sinerelu; left alone: 2 gelu_tanh sites")

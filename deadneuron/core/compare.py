@@ -7,6 +7,7 @@ argmax agrees) to running sums, and one host transfer at the end turns them into
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import replace
 from itertools import chain
@@ -20,7 +21,10 @@ from .plan import Batch
 
 
 class Agreement:
-    """Streaming argmax agreement and relative L2 drift of a swapped model's first output against the original's."""
+    """Streaming argmax agreement and relative L2 drift of a swapped model's first output against the original's.
+
+    Agreement counts positions: one per sample for (N, C) class scores, one per token for (N, L, V) token scores
+    (a language model's next-token prediction), one per pixel for dense predictions."""
 
     def __init__(self) -> None:
         self.squared_diff: Any = None
@@ -36,7 +40,10 @@ class Agreement:
         self.squared_norm = norm if self.squared_norm is None else self.squared_norm + norm
         if agreed is not None:
             self.agreed = agreed if self.agreed is None else self.agreed + agreed
-        self.total += valid
+        positions = 1
+        for size in tuple(a.shape)[1:-1]:
+            positions *= int(size)
+        self.total += valid * positions
 
     def result(self) -> tuple[float | None, float | None]:
         """(agreement, drift): None where nothing was measured, or for agreement when the output is no classifier."""
@@ -98,6 +105,21 @@ def check_reiterable(data: Any) -> None:
         )
 
 
+def left_alone_reasons(include: tuple[str, ...]) -> dict[str, str]:
+    """Why a site of each kind is left alone by a swap of the kinds `include` (design.md, "Honest swaps").
+
+    ReLU6 is a clipped ReLU: its cap at 6 is part of the model (MobileNet's, quantization-friendly), and SineReLU
+    has none, so it is swapped only when asked (`include`), and then for an uncapped SineReLU."""
+    reasons = {
+        "relu6": "a clipped ReLU: its cap at 6 is part of the model; include relu6 to swap it for an uncapped SineReLU",
+        "leaky_relu": "already passes a gradient below 0; include leaky_relu to swap it",
+        "sinerelu": "already SineReLU",
+    }
+    for kind in include:
+        reasons[kind] = "of a kind the swap replaces, but out of its reach here (e.g. decomposed in an exported graph)"
+    return defaultdict(lambda: "not a ReLU: SineReLU replaces the ReLU family only", reasons)
+
+
 def revived(before: Report, trained: Report) -> int:
     """Units dead in `before` that are not dormant in `trained` (paired by site order and unit index)."""
     count = 0
@@ -145,4 +167,5 @@ def compare(
         agreement=agreement,
         output_drift=drift,
         revival=revival,
+        reasons=left_alone_reasons(swap.include),
     )

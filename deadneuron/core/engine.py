@@ -53,6 +53,7 @@ class Run(Protocol):
     warnings: list[str]
     static_batch: int | None  # a program exported with a fixed batch size scans in batches of exactly that size
     example_shape: Shape | None  # one sample's shape, when the model carries an example input
+    vocabulary: int | None  # random inputs are token ids in [0, vocabulary) (a model that starts with an embedding)
     source: Source
 
     def sample_shapes(self, input_shape: Shape | None) -> list[Shape] | None:
@@ -63,6 +64,10 @@ class Run(Protocol):
 
     def integer(self, y: Any) -> bool:
         """Whether labels are class indices (integers) rather than regression targets."""
+
+    def own_loss(self, batch: Batch) -> bool:
+        """Whether the model computes its own loss from the batch's labels (a transformers model given keyword
+        inputs and `labels=`); that loss is then the task loss."""
 
     def watch(self, options: ScanOptions, loss: ResolvedLoss, first: Batch) -> AbstractContextManager[Watch]:
         """Prepare the model and watch its sites; on exit everything is as it was."""
@@ -108,7 +113,9 @@ def batches(run: Run, data: Any, labels: Any, options: ScanOptions, purpose: str
             raise DeadNeuronError(_NEEDS_SHAPE[purpose])
         return found
 
-    plan = host_batches(data, labels, options, shapes=shapes, source=run.source, batch_size=run.static_batch)
+    plan = host_batches(
+        data, labels, options, shapes=shapes, source=run.source, batch_size=run.static_batch, vocabulary=run.vocabulary
+    )
     for batch in plan:
         yield from run.place(batch)
 
@@ -132,7 +139,11 @@ def scan(
         raise DeadNeuronError("no samples: the data is empty; expected at least one sample")
     labelled = first.y is not None
     loss: ResolvedLoss = (
-        "none" if not options.gradients else resolve_loss(options.loss, labelled, labelled and run.integer(first.y))
+        "none"
+        if not options.gradients
+        else resolve_loss(
+            options.loss, labelled, labelled and run.integer(first.y), labelled and run.own_loss(first)
+        )
     )
     with run.watch(options, loss, first) as watch:
         for batch in chain([first], stream):

@@ -19,11 +19,12 @@ from .sinerelu import Form, check_epsilon, check_form
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-# The gradient source of a scan (design.md, "Loss for gradients"): `auto` picks ce/mse from the labels, else probe.
-Loss = Literal["auto", "ce", "mse", "probe", "none"]
+# The gradient source of a scan (design.md, "Loss for gradients"): `auto` picks the model's own loss when it computes
+# one from the labels (a transformers model), else ce/mse from the labels, else probe.
+Loss = Literal["auto", "ce", "mse", "model", "probe", "none"]
 LOSSES: tuple[str, ...] = get_args(Loss)
 # What `auto` and the labels resolve to: the loss a report names.
-ResolvedLoss = Literal["ce", "mse", "probe", "none"]
+ResolvedLoss = Literal["ce", "mse", "model", "probe", "none"]
 
 SWAP_TARGETS: tuple[str, ...] = ("sinerelu",)
 # Kinds a swap may replace; ReLU6 and the leaky variants only when asked (`include=`): they are not plain ReLUs.
@@ -121,10 +122,18 @@ def split_options(options: CompareKeywords) -> tuple[ScanOptions, SwapOptions]:
     return scan_options(**scanning), SwapOptions.make(**swapping)  # type: ignore[arg-type]
 
 
-def resolve_loss(loss: str, labelled: bool, integer_labels: bool) -> ResolvedLoss:
-    """The loss a scan takes its gradient from, decided once from the first batch's labels."""
+def resolve_loss(loss: str, labelled: bool, integer_labels: bool, own_loss: bool = False) -> ResolvedLoss:
+    """The loss a scan takes its gradient from, decided once from the first batch's labels (`own_loss`: the model
+    computes its own loss from them)."""
     if loss == "auto":
+        if own_loss:
+            return "model"
         return ("ce" if integer_labels else "mse") if labelled else "probe"
+    if loss == "model" and not own_loss:
+        raise DeadNeuronError(
+            "loss='model' takes the loss the model computes from its labels; expected a model that takes labels= "
+            "(a transformers model) and batches of keyword inputs with 'labels'; use loss='ce', 'mse' or 'probe'"
+        )
     if loss in ("ce", "mse") and not labelled:
         raise DeadNeuronError(
             f"loss={loss!r} needs labels; received data without labels (--loss {loss} needs labels too); pass "

@@ -2,13 +2,15 @@
 
 Accepted: None (random standard-normal inputs, drawn batch by batch from the seed), a path, an array, an (x, y)
 pair of arrays (`deadneuron.data`: memory-mapped, read one batch at a time), a framework tensor or a pair of them
-(sliced), or any iterable of batches (DataLoader, tf.data, a list; `data.split_batch` reads each item). A backend
+(sliced), a mapping of a model's keyword inputs (`input_ids`, `attention_mask`, ..., labels under 'labels'; arrays
+or tensors, sliced key by key), or any iterable of batches (DataLoader, tf.data, a list; `data.split_batch` reads
+each item: a tensor, an (x, y) pair whose x may be a tuple of positional inputs, or a mapping). A backend
 says how to turn its tensors into something this module can slice (`Source`), and moves each batch to its device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,14 +72,21 @@ def first_rows(x: Any, n: int) -> Any:
 PLAIN = Source(size=leading, take=first_rows)
 
 
-def random_inputs(samples: int, shapes: Sequence[Shape], batch_size: int, seed: int) -> Iterator[Any]:
+def random_inputs(
+    samples: int, shapes: Sequence[Shape], batch_size: int, seed: int, vocabulary: int | None = None
+) -> Iterator[Any]:
     """`samples` standard-normal float32 inputs in batches, drawn batch by batch from `seed` (never all held at
     once). One array per shape; a single shape gives a plain array. The same draw whatever the backend, so
     `deadneuron.torch.distributed` can replay it rank by rank."""
     rng = np.random.default_rng(seed)
     for start in range(0, samples, batch_size):
         n = min(batch_size, samples - start)
-        xs = [rng.standard_normal((n, *shape), dtype=np.float32) for shape in shapes]
+        xs = [
+            rng.standard_normal((n, *shape), dtype=np.float32)
+            if vocabulary is None
+            else rng.integers(0, vocabulary, (n, *shape), dtype=np.int64)
+            for shape in shapes
+        ]
         yield xs[0] if len(xs) == 1 else xs
 
 
@@ -109,11 +118,13 @@ def host_batches(
     shapes: Callable[[], Sequence[Shape]],
     source: Source = PLAIN,
     batch_size: int | None = None,
+    vocabulary: int | None = None,
 ) -> Iterator[Batch]:
     """The batches of one scan, on the host (or where the user's tensors live); at most `options.samples` samples.
 
     `shapes()` gives one sample's shape per model input for random inputs (called only when `data` is None);
-    `batch_size` overrides the options' (a program exported with a static batch size).
+    `vocabulary`: random inputs are token ids in [0, vocabulary) rather than standard-normal floats (a model that
+    starts with an embedding); `batch_size` overrides the options' (a program exported with a static batch size).
     """
     size = batch_size or options.batch_size
     samples = options.samples
@@ -123,7 +134,9 @@ def host_batches(
                 "no data: pass data (an array, a tensor, a DataLoader or a .npz/.npy path), or "
                 "samples=N for N random inputs"
             )
-        items: Iterable[tuple[Any, Any]] = ((x, None) for x in random_inputs(samples, shapes(), size, options.seed))
+        items: Iterable[tuple[Any, Any]] = (
+            (x, None) for x in random_inputs(samples, shapes(), size, options.seed, vocabulary)
+        )
         yield from limited(items, samples, source)
         return
     if source.host is not None:
@@ -133,6 +146,15 @@ def host_batches(
         if labels is not None and dataset.y is None:
             dataset = datamod.validate(datamod.Dataset(dataset.x, np.asarray(labels), dataset.source))
         yield from limited(datamod.array_batches(datamod.limit(dataset, samples), size), samples, source)
+        return
+    if isinstance(data, Mapping):  # keyword inputs held as tensors (numpy ones became a Dataset above)
+        x, y = datamod.split_mapping(data, "the data")
+        y = y if labels is None else labels
+        n = leading(x)
+        if y is not None and len(y) != n:
+            raise DeadNeuronError(f"{len(y)} labels for {n} inputs; expected one label per input")
+        parts = ((datamod.rows(x, i, i + size), None if y is None else y[i : i + size]) for i in range(0, n, size))
+        yield from limited(parts, samples, source)
         return
     if is_tensor(data) or (isinstance(data, tuple) and len(data) == 2 and is_tensor(data[0])):
         x, y = (data, labels) if is_tensor(data) else (data[0], data[1] if labels is None else labels)

@@ -284,6 +284,7 @@ class KerasRun:
     warnings: list[str] = field(default_factory=list)
     static_batch: int | None = None
     example_shape: Shape | None = None
+    vocabulary: int | None = None  # Keras models take the inputs their spec says: random inputs are floats
     source: Any = SOURCE
 
     def evaluating(self) -> AbstractContextManager[Any]:
@@ -300,7 +301,7 @@ class KerasRun:
         agreed = None
         if classifier:
             same = ops.equal(ops.argmax(a, axis=-1), ops.argmax(b, axis=-1))
-            agreed = ops.sum(ops.cast(ops.all(ops.reshape(same, (ops.shape(a)[0], -1)), axis=1), "int64"))
+            agreed = ops.sum(ops.cast(same, "int64"))  # per position (token, pixel)
         return ops.sum(ops.square(b - a)), ops.sum(ops.square(a)), agreed
 
     def sample_shapes(self, input_shape: Shape | None) -> list[Shape] | None:
@@ -308,6 +309,9 @@ class KerasRun:
 
     def integer(self, y: Any) -> bool:
         return is_integer(y)
+
+    def own_loss(self, batch: Batch) -> bool:
+        return False  # Keras models take no labels in their call
 
     def place(self, batch: Batch) -> Iterator[Batch]:
         check_shapes(self.model, batch)

@@ -7,6 +7,8 @@ pairs the sites, measures how much gradient the formerly dead units receive, and
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,13 +36,19 @@ class SiteComparison:
 
     @classmethod
     def pair(cls, before: LayerReport, after: LayerReport) -> SiteComparison:
-        split = gradients_after(before, after)
+        split = gradients_after(before, after) if before.kind != after.kind else None
         ratio = None if split is None else _ratio(*split)
         return cls(before=before, after=after, gradient_ratio=ratio)
 
+    @property
+    def swapped(self) -> bool:
+        """Whether the swap replaced this site's activation (its kind changed)."""
+        return self.before.kind != self.after.kind
+
     def gradients(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """Mean |gradient| per unit after the swap: (units dead before, units alive before); None without them."""
-        return gradients_after(self.before, self.after)
+        """Mean |gradient| per unit after the swap: (units dead before, units alive before); None without them or
+        when the site was left alone (its gradients say nothing about a swap)."""
+        return gradients_after(self.before, self.after) if self.swapped else None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,6 +75,15 @@ def gradients_after(before: LayerReport, after: LayerReport) -> tuple[np.ndarray
     return grad[dead], grad[~dead]
 
 
+def _reason(reasons: Mapping[str, str] | None, kind: str) -> str:
+    if reasons is None:
+        return ""
+    try:
+        return reasons[kind]  # a defaultdict answers every kind
+    except KeyError:
+        return ""
+
+
 def _ratio(dead: np.ndarray, live: np.ndarray) -> float | None:
     dead_median, live_median = _median(dead), _median(live)
     if dead_median is None or not live_median:
@@ -86,6 +103,8 @@ class Comparison:
     output_drift: float | None  # ||f_after(x) - f_before(x)|| / ||f_before(x)|| over all outputs
     revival: dict[str, Any] | None = None
     sites: list[SiteComparison] = field(default_factory=list)
+    # Sites the swap left alone, and why: [{"site": name, "kind": kind, "reason": text}] (`core.compare`).
+    left_alone: list[dict[str, str]] = field(default_factory=list)
 
     @classmethod
     def build(
@@ -98,13 +117,46 @@ class Comparison:
         agreement: float | None,
         output_drift: float | None,
         revival: dict[str, Any] | None = None,
+        reasons: Mapping[str, str] | None = None,
     ) -> Comparison:
+        """`reasons`: why a site was left alone, by kind (sites whose kind is missing get a generic reason)."""
         if len(before.layers) != len(after.layers):
             raise ValueError(
                 f"the swapped model has {len(after.layers)} activation sites, the original {len(before.layers)}"
             )
         sites = [SiteComparison.pair(b, a) for b, a in zip(before.layers, after.layers, strict=True)]
-        return cls(to, dict(epsilon), before, after, agreement, output_drift, revival, sites)
+        left = [
+            {"site": site.before.name, "kind": site.before.kind, "reason": _reason(reasons, site.before.kind)}
+            for site in sites
+            if not site.swapped
+        ]
+        return cls(to, dict(epsilon), before, after, agreement, output_drift, revival, sites, left)
+
+    @property
+    def swapped(self) -> list[SiteComparison]:
+        """The sites whose activation the swap replaced."""
+        return [site for site in self.sites if site.swapped]
+
+    def swap_summary(self) -> str:
+        """One line: what was swapped (sites and kinds) and what was left alone, grouped by kind, with the reason."""
+        swapped = Counter(site.before.kind for site in self.swapped)
+        left: dict[str, list[dict[str, str]]] = {}
+        for entry in self.left_alone:
+            left.setdefault(entry["kind"], []).append(entry)
+        alone = "; ".join(
+            f"{len(entries)} {kind} site{'s' if len(entries) != 1 else ''}"
+            + (f" ({entries[0]['reason']})" if entries[0]["reason"] else "")
+            for kind, entries in left.items()
+        )
+        if not swapped:
+            found = f"left alone: {alone}" if alone else "the model has no activation site"
+            return f"Nothing was swapped for {self.to}; {found}."
+        done = ", ".join(f"{count} {kind}" for kind, count in swapped.items())
+        count = sum(swapped.values())
+        return (
+            f"Swapped {count} site{'s' if count != 1 else ''} for {self.to} ({done})"
+            + (f"; left alone: {alone}." if alone else "; nothing left alone.")
+        )
 
     @property
     def gradient_ratio(self) -> float | None:
@@ -115,18 +167,26 @@ class Comparison:
         return _ratio(np.concatenate([dead for dead, _ in splits]), np.concatenate([live for _, live in splits]))
 
     def verdict(self) -> list[str]:
-        """The plain-language reading of the comparison."""
-        before, after = self.before, self.after
-        lines = []
-        if before.dead == 0:
+        """The plain-language reading of the comparison: what was swapped, then what the swap changed there."""
+        lines = [self.swap_summary()]
+        swapped = self.swapped
+        if not swapped:
+            lines.append("Both scans are of the same model: there is no swap to judge, so no revival verdict.")
+            return lines
+        dead = sum(site.before.dead for site in swapped)
+        units = sum(site.before.units for site in swapped)
+        if dead == 0:
             lines.append(
-                f"No unit is dead under ReLU on these {before.samples} samples: SineReLU has nothing to revive."
+                f"No unit of the swapped sites is dead on these {self.before.samples} samples: SineReLU has nothing "
+                "to revive."
             )
         else:
-            still = after.grad_dead
+            grad_dead = [site.after.grad_dead for site in swapped]
+            still = None if any(g is None for g in grad_dead) else sum(g for g in grad_dead if g is not None)
             lines.append(
-                f"{before.dead} of {before.units} units are dead under ReLU. After the swap {after.dead} are dead and "
-                f"{after.dormant} dormant (would be dead under ReLU)"
+                f"{dead} of {units} units are dead under ReLU (at the swapped sites). After the swap "
+                f"{sum(site.after.dead for site in swapped)} are dead and {sum(site.after.dormant for site in swapped)}"
+                " dormant (would be dead under ReLU)"
                 + ("." if still is None else f"; {still} still receive no gradient.")
             )
             ratio = self.gradient_ratio
@@ -136,7 +196,10 @@ class Comparison:
                     "unit: " + ("enough to move them." if ratio >= 0.1 else "small; they may revive slowly, if at all.")
                 )
         if self.agreement is not None:
-            lines.append(f"Predictions agree on {100 * self.agreement:.1f}% of samples (argmax).")
+            lines.append(
+                f"Predictions agree on {100 * self.agreement:.1f}% of positions (argmax per sample, or per token "
+                "of a sequence output)."
+            )
         if self.output_drift is not None:
             lines.append(f"Outputs move by {100 * self.output_drift:.2f}% (relative L2 norm).")
         if self.revival:
@@ -158,6 +221,10 @@ class Comparison:
             "output_drift": self.output_drift,
             "revival": self.revival,
             "sites": [site.to_dict() for site in self.sites],
+            "swapped": [
+                {"site": site.before.name, "kind": site.before.kind, "to": site.after.kind} for site in self.swapped
+            ],
+            "left_alone": [dict(entry) for entry in self.left_alone],
             "formerly_dead_gradient_ratio": self.gradient_ratio,
         }
 

@@ -12,6 +12,7 @@ The loss is summed over samples (never averaged), so a sample's gradient does no
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -26,7 +27,7 @@ from torch import nn
 
 from ..core.engine import Backend
 from ..core.options import ResolvedLoss, ScanOptions
-from ..core.plan import PLAIN, Batch, Shape, Source
+from ..core.plan import PLAIN, Batch, Shape, Source, leading
 from ..core.stats import SiteStats
 from ..errors import DeadNeuronError
 from ..report import SiteInfo
@@ -89,6 +90,7 @@ class TorchRun:
     example_shape: tuple[int, ...] | None = None  # one sample's shape
     example_dtype: torch.dtype | None = None
     static_batch: int | None = None
+    vocabulary: int | None = None  # a model that starts with an embedding takes token ids in [0, vocabulary)
     warnings: list[str] = field(default_factory=list)
     source: Source = PLAIN
 
@@ -105,27 +107,41 @@ class TorchRun:
                 )
             return [tuple(input_shape)]
         shape = self.example_shape or _guess_sample_shape(self.module)
+        if shape is None and self.vocabulary is not None:
+            shape = (RANDOM_TOKENS,)
         return None if shape is None else [shape]
 
     def integer(self, y: Any) -> bool:
         return not y.is_floating_point()
 
+    def own_loss(self, batch: Batch) -> bool:
+        return isinstance(batch.x, dict) and batch.y is not None and _takes_labels(self.module)
+
     def place(self, batch: Batch) -> Iterator[Batch]:
         """On the model's device and floating dtype (labels: integer labels as int64); cut into static
         batches, the last padded by repeating its first sample, when the program has a static batch size."""
         device, dtype = _device_dtype(self.module, self.example_dtype)
-        x = _to_tensor(batch.x, "a batch of inputs")
-        x = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
+
+        def move(value: Any) -> torch.Tensor:
+            t = _to_tensor(value, "a batch of inputs")
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+
+        x = _structure(batch.x, move)
         y = batch.y
         if y is not None:
             y = _to_tensor(y, "a batch of labels")
             y = y.to(device=device, dtype=dtype if y.is_floating_point() else torch.long)
-        if x.ndim == 0 or x.shape[0] == 0:
+        if leading(x) == 0:
             return
         size = self.static_batch
         if size is None:
             yield Batch(x, y, batch.valid)
             return
+        if not isinstance(x, torch.Tensor):
+            raise DeadNeuronError(
+                f"the program was exported with a static batch of {size} and one tensor input; received "
+                f"{_describe(x)}; pass the inputs as one tensor"
+            )
         for start in range(0, int(x.shape[0]), size):
             xs = x[start : start + size]
             ys = None if y is None else y[start : start + size]
@@ -157,24 +173,29 @@ class TorchRun:
         with preserved(self.module), torch.no_grad():
             yield
 
-    def output(self, x: torch.Tensor) -> torch.Tensor:
+    def output(self, x: Any) -> torch.Tensor:
         return _first_output(self.forward(x))
 
     def drift_sums(self, a: Any, b: Any, classifier: bool) -> tuple[Any, Any, Any]:
         a, b = a.double(), b.double()
-        agreed = (a.argmax(-1) == b.argmax(-1)).reshape(a.shape[0], -1).all(1).sum() if classifier else None
+        agreed = (a.argmax(-1) == b.argmax(-1)).sum() if classifier else None  # per position (token, pixel)
         return (b - a).square().sum(), a.square().sum(), agreed
 
-    def forward(self, x: torch.Tensor) -> Any:
-        """The model's output on `x`; a model that refuses the batch is a user error naming the expected input."""
+    def forward(self, x: Any, labels: torch.Tensor | None = None) -> Any:
+        """The model's output on `x` (a tensor; a dict of keyword inputs; a tuple of positional ones), with
+        `labels=` when given; a model that refuses the batch is a user error naming the expected input."""
         try:
+            if isinstance(x, dict):
+                return self.module(**x) if labels is None else self.module(**x, labels=labels)
+            if isinstance(x, (list, tuple)):
+                return self.module(*x)
             return self.module(x)
         except DeadNeuronError:
             raise
         except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:
             text = str(error).strip().splitlines()
             raise DeadNeuronError(
-                f"the model failed on a batch of shape {tuple(x.shape)}: "
+                f"the model failed on a batch of {_describe(x)}: "
                 f"{text[0] if text else type(error).__name__}; {_expected_input(self)}; check the data or "
                 "--input-shape"
             ) from error
@@ -212,9 +233,49 @@ def prepare(model: Any, name: str | None, probe: Callable[[int], Probe] = batch_
     if isinstance(original, nn.Module):  # torch.compile: hooks fire only on the original module
         model = original
     run = TorchRun(model, name or type(model).__name__, probe)
+    run.vocabulary = _vocabulary(model)
     if isinstance(model, torch.fx.GraphModule) and any("nn_module_stack" in node.meta for node in model.graph.nodes):
         run.graph_names, run.unobserved = graph_sites(model)
     return run
+
+
+# Tokens per random sequence for a model that takes token ids (`--samples N` without data).
+RANDOM_TOKENS = 16
+
+
+def _vocabulary(module: nn.Module) -> int | None:
+    """The vocabulary of a model whose main input is token ids (a transformers model with `input_ids`)."""
+    config = getattr(module, "config", None)
+    vocabulary = getattr(config, "vocab_size", None)
+    if getattr(module, "main_input_name", None) == "input_ids" and isinstance(vocabulary, int) and vocabulary > 0:
+        return vocabulary
+    return None
+
+
+def _takes_labels(module: nn.Module) -> bool:
+    """Whether `module.forward` has a `labels` parameter (transformers models compute their loss from it)."""
+    try:
+        return "labels" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _structure(x: Any, fn: Callable[[Any], Any]) -> Any:
+    """`fn` applied to each input of a batch: one value, a dict of keyword inputs or a tuple/list of positional ones."""
+    if isinstance(x, dict):
+        return {key: fn(value) for key, value in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(fn(value) for value in x)
+    return fn(x)
+
+
+def _describe(x: Any) -> str:
+    """A batch's inputs in a message: `shape (8, 12)` or `input_ids (8, 12), attention_mask (8, 12)`."""
+    if isinstance(x, dict):
+        return ", ".join(f"{key} {tuple(getattr(v, 'shape', ()))}" for key, v in x.items())
+    if isinstance(x, (list, tuple)):
+        return "inputs " + ", ".join(str(tuple(getattr(v, "shape", ()))) for v in x)
+    return f"shape {tuple(getattr(x, 'shape', ()))}"
 
 
 def _device_dtype(module: nn.Module, fallback: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
@@ -242,6 +303,8 @@ _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTra
 def _expected_input(run: TorchRun) -> str:
     if run.example_shape is not None:
         return f"expected samples of shape {run.example_shape} (the program's example input)"
+    if run.vocabulary is not None:
+        return f"expected token ids in [0, {run.vocabulary}) and the model's keyword inputs"
     for sub in run.module.modules():
         if isinstance(sub, nn.Linear):
             return (
@@ -305,9 +368,24 @@ def output_tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
+def _own_loss(out: Any) -> torch.Tensor:
+    """The scalar `loss` a model returns when it is given labels (a transformers `ModelOutput`)."""
+    own = getattr(out, "loss", None)
+    if not isinstance(own, torch.Tensor) or own.ndim != 0:
+        raise DeadNeuronError(
+            "the model returned no loss although it was given labels; expected a scalar `loss` in its output; "
+            "use --loss ce, mse or probe"
+        )
+    return own
+
+
 def _task_loss(
     kind: str, out: Any, y: torch.Tensor | None, valid: int, probe: Probe, first: bool
 ) -> torch.Tensor | None:
+    if kind == "model":
+        # The model's own loss is a mean over its samples or tokens: times the samples, so that its scale matches
+        # a loss summed over samples as the others are.
+        return _own_loss(out) * valid
     outputs = output_tensors(out)
     if not outputs:
         return None
@@ -356,14 +434,16 @@ class TorchWatch:
 
     def step(self, batch: Batch) -> None:
         x, y, valid = batch.x, batch.y, batch.valid
+        n = leading(x)
         first, self.first = self.first, False
         if self.loss == "none":
-            with torch.no_grad(), self.watcher.forward(int(x.shape[0]), valid):
+            with torch.no_grad(), self.watcher.forward(n, valid):
                 self.run.forward(x)
             return
         module = self.run.module
         params = [p for p in module.parameters() if p.requires_grad]
-        if not params and not x.is_floating_point():
+        floating = isinstance(x, torch.Tensor) and x.is_floating_point()
+        if not params and not floating:
             # Integer inputs into a frozen model: no graph would be built. Trainable for this scan only
             # (`preserved` puts requires_grad back).
             params = [p for p in module.parameters() if p.is_floating_point()]
@@ -371,13 +451,13 @@ class TorchWatch:
                 p.requires_grad_(True)
         leaf = None
         with torch.enable_grad():
-            if not params and x.is_floating_point():
+            if not params and floating:
                 # A frozen model: differentiate with respect to the inputs instead. (With trainable parameters the
                 # inputs are left out: their gradient would cost the first layer's backward-data pass.)
                 leaf = x.detach().requires_grad_(True)
                 x = leaf.clone()  # the model may write into its input in place; a leaf would refuse that
-            with self.watcher.forward(int(x.shape[0]), valid):
-                out = self.run.forward(x)
+            with self.watcher.forward(n, valid):
+                out = self.run.forward(x, labels=y if self.loss == "model" else None)
             objective = _task_loss(self.loss, out, y, valid, self.probe, first)
             inputs = ([leaf] if leaf is not None else []) + params
             if objective is None or not objective.requires_grad or not inputs:
@@ -420,12 +500,15 @@ def train(model: Any, batches: Iterator[Batch], *, loss: ResolvedLoss, lr: float
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for batch in batches:
-            out = run.output(batch.x)[: batch.valid]
-            y = batch.y[: batch.valid]
-            if loss == "ce":
-                value = F.cross_entropy(out, y.long())
+            if loss == "model":
+                value = _own_loss(run.forward(batch.x, labels=batch.y))
             else:
-                value = F.mse_loss(out, y.reshape(out.shape).to(out.dtype))
+                out = run.output(batch.x)[: batch.valid]
+                y = batch.y[: batch.valid]
+                if loss == "ce":
+                    value = F.cross_entropy(out, y.long())
+                else:
+                    value = F.mse_loss(out, y.reshape(out.shape).to(out.dtype))
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()

@@ -208,7 +208,7 @@ class Grid:
         if dataset is not None:
             for k, lo, hi in self.blocks():
                 part = datamod.Dataset(
-                    dataset.x[lo:hi], None if dataset.y is None else dataset.y[lo:hi], dataset.source
+                    datamod.rows(dataset.x, lo, hi), None if dataset.y is None else dataset.y[lo:hi], dataset.source
                 )
                 for x, y in datamod.array_batches(part, hi - lo):
                     self.current = (k, lo - k * self.grid, hi - k * self.grid)
