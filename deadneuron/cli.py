@@ -29,6 +29,24 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"deadneuron {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_print_version),
+    ] = False,
+) -> None:
+    """Find dead, dormant and gradient-dead units; measure what SineReLU changes."""
+
+
 # Shared options. Typer reads these annotations; keeping them here keeps the commands consistent.
 ModelArg = Annotated[
     Path,

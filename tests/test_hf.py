@@ -238,6 +238,7 @@ def test_cli_scans_a_saved_directory_with_named_arrays(family, built, saved, tmp
             assert set(layer[f"{state}_units"]) == want[state], (layer["name"], state)
 
 
+@pytest.mark.slow
 def test_cli_scans_and_inspects_a_directory_with_random_token_ids(tmp_path):
     model = zoo.build("opt")
     model.save_pretrained(tmp_path / "opt")
@@ -257,6 +258,7 @@ def test_random_inputs_of_a_token_model_are_token_ids(built, family):
     assert report.samples == 4 and len(report.layers) == zoo.LAYERS
 
 
+@pytest.mark.slow
 def test_cli_user_errors_exit_2_with_one_line(gpt2_dir, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -277,6 +279,7 @@ def test_cli_user_errors_exit_2_with_one_line(gpt2_dir, tmp_path):
     assert "remote code" in last_line(result.stderr) and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_cli_without_transformers_exits_2_naming_the_extra(gpt2_dir):
     code = (
         "import sys; sys.modules['transformers'] = None\n"

@@ -134,3 +134,13 @@ def test_cli_compare_include_and_unknown_kind(tmp_path):
 def test_include_is_checked_in_the_api():
     with pytest.raises(DeadNeuronError, match="cannot swap 'tanh'"):
         deadneuron.compare(Mixed(), torch.randn(4, 6), include="tanh")
+
+
+def test_compare_of_a_static_batch_program_rebatches_like_scan(tmp_path):
+    # exported without a dynamic batch dimension: both the program and its swap run in padded batches of 4
+    program = torch.export.export(Mixed().eval(), (torch.randn(4, 6),))
+    torch.export.save(program, tmp_path / "static.pt2")
+    comparison = deadneuron.compare(deadneuron.load_model(tmp_path / "static.pt2"), torch.randn(10, 6))
+    assert comparison.before.samples == comparison.after.samples == 10
+    assert [entry["kind"] for entry in comparison.to_dict()["swapped"]] == ["relu"]
+    assert comparison.output_drift is not None and comparison.output_drift > 0

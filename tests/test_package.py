@@ -28,6 +28,19 @@ def test_import_and_help_load_no_framework():
     assert out.strip().splitlines()[-1] == "[]"
 
 
+def test_version_prints_the_package_version_and_loads_no_framework():
+    import deadneuron
+
+    code = (
+        "import sys\n"
+        "from deadneuron.cli import main\n"
+        "code = main(['--version'])\n"
+        "print(code, sorted(m for m in ('torch', 'tensorflow', 'keras') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines() == [f"deadneuron {deadneuron.__version__}", "0 []"]
+
+
 def test_help_answers_fast():
     start = time.perf_counter()
     result = run_cli("--help")

@@ -213,14 +213,7 @@ def prepare(model: Any, name: str | None, probe: Callable[[int], Probe] = batch_
         if args and isinstance(args[0], torch.Tensor):
             run.example_shape = tuple(args[0].shape[1:])
             run.example_dtype = args[0].dtype
-        placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
-        value = placeholders[0].meta.get("val") if placeholders else None
-        if isinstance(value, torch.Tensor) and value.ndim and isinstance(value.shape[0], int):
-            run.static_batch = int(value.shape[0])  # exported without a dynamic batch dimension
-            run.warnings.append(
-                f"the program was exported with a static batch of {run.static_batch}: scanned in batches "
-                "of that size (export with a dynamic batch dimension for speed)"
-            )
+        _static_batch(run)
         return run
     if isinstance(model, torch.jit.ScriptModule):
         raise DeadNeuronError(
@@ -236,7 +229,20 @@ def prepare(model: Any, name: str | None, probe: Callable[[int], Probe] = batch_
     run.vocabulary = _vocabulary(model)
     if isinstance(model, torch.fx.GraphModule) and any("nn_module_stack" in node.meta for node in model.graph.nodes):
         run.graph_names, run.unobserved = graph_sites(model)
+        _static_batch(run)  # a program's graph module (the swap a comparison scans) keeps the program's batch
     return run
+
+
+def _static_batch(run: TorchRun) -> None:
+    """The batch size a graph from torch.export was traced with, when its batch dimension is not dynamic."""
+    placeholders = [n for n in run.module.graph.nodes if n.op == "placeholder"]  # type: ignore[union-attr]
+    value = placeholders[0].meta.get("val") if placeholders else None
+    if isinstance(value, torch.Tensor) and value.ndim and isinstance(value.shape[0], int):
+        run.static_batch = int(value.shape[0])  # exported without a dynamic batch dimension
+        run.warnings.append(
+            f"the program was exported with a static batch of {run.static_batch}: scanned in batches "
+            "of that size (export with a dynamic batch dimension for speed)"
+        )
 
 
 # Tokens per random sequence for a model that takes token ids (`--samples N` without data).
