@@ -323,3 +323,38 @@ def test_compare_of_a_model_without_relu_swaps_nothing():
     assert comparison.to_dict()["swapped"] == []
     assert comparison.agreement == 1.0
     assert comparison.verdict()[0].startswith("Nothing was swapped for sinerelu; left alone: 2 gelu_tanh sites")
+
+
+def _reference_sets(model, family):
+    return [{state: layer[state] for state in STATES} for layer in zoo.reference(model, family, zoo.batches(family))]
+
+
+def _sets(report):
+    return [{state: set(getattr(layer, f"{state}_units")) for state in STATES} for layer in report.layers]
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return zoo.build("bert")
+
+
+def test_batches_as_users_hold_them_agree(bert):
+    from torch.utils.data import DataLoader
+
+    data = zoo.batches("bert")
+    whole = {key: torch.cat([batch[key] for batch in data]) for key in data[0]}
+    expected = _reference_sets(bert, "bert")
+    rows = [{key: value[i] for key, value in whole.items()} for i in range(len(whole["input_ids"]))]
+    forms = {
+        "mapping of tensors": whole,
+        "mapping of arrays": {key: value.numpy() for key, value in whole.items()},
+        "DataLoader of mappings": DataLoader(rows, batch_size=8),  # default_collate stacks the dicts
+        "((inputs...), labels) pairs": [((b["input_ids"], b["attention_mask"]), b["labels"]) for b in data],
+    }
+    for what, form in forms.items():
+        report = deadneuron.scan(bert, form, batch_size=8, loss="ce")
+        assert report.samples == 16, what
+        assert _sets(report) == expected, what
+    # keyword inputs with labels: the model's own loss; positional inputs cannot take labels=, so ce from 'auto'
+    assert deadneuron.scan(bert, whole, batch_size=8).loss == "model"
+    assert deadneuron.scan(bert, forms["((inputs...), labels) pairs"]).loss == "ce"
