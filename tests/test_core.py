@@ -186,3 +186,6 @@ def test_comparison_pairs_sites_and_measures_revived_gradient():
     assert data["sites"][0]["dead"] == [1, 0]
     text = str(comparison)
     assert "1 of 3 units are dead under ReLU" in text and "Predictions agree on 100.0%" in text
+    assert "Warning" not in text
+    comparison.output_drift = 1.19  # a random-init model's near-zero outputs: the swap moves them 119%
+    assert comparison.verdict()[-1].startswith("Warning: the swap moves the outputs by more than their own size")

@@ -202,6 +202,14 @@ class Comparison:
             )
         if self.output_drift is not None:
             lines.append(f"Outputs move by {100 * self.output_drift:.2f}% (relative L2 norm).")
+            if self.output_drift >= 1.0:
+                # The change is larger than the outputs themselves: near-zero outputs (a random-init model whose
+                # head is barely driven) make agreement a coin toss and the relative drift meaningless.
+                lines.append(
+                    "Warning: the swap moves the outputs by more than their own size, so the original outputs are "
+                    "near zero or the swap remakes the model; agreement and drift say little here (scan a trained "
+                    "model, or compare the dead units only)."
+                )
         if self.revival:
             r = self.revival
             lines.append(
