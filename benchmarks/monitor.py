@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,13 +36,17 @@ def cnn() -> tuple[nn.Module, torch.Tensor]:
     return model, torch.randn(64, 1, 8, 8)
 
 
+#: The clock: wall time by default; `--clock cpu` takes this process's CPU time, which other processes on a shared
+#: machine disturb far less (they still share caches and memory bandwidth).
+clock = time.perf_counter
+
 USAGES = {"step": "step() calls", "forward": "no calls", "optimizer": "optimizer="}
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, steps: int,
           monitor: DeadNeuronMonitor | None = None) -> float:
     """Seconds per training step over `steps` steps; `monitor.step()` after each when a monitor is given."""
-    start = time.perf_counter()
+    start = clock()
     for _ in range(steps):
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
@@ -49,7 +54,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.O
         opt.step()
         if monitor is not None:
             monitor.step()
-    return (time.perf_counter() - start) / steps
+    return (clock() - start) / steps
 
 
 def block(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, steps: int,
@@ -69,15 +74,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--chunks", type=int, default=400, help="alternating chunks for the step counters' cost")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--no-blocks", action="store_true", help="only the accounting and the counters")
     args = parser.parse_args()
+    global clock
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), every={DEFAULT_EVERY}, window={DEFAULT_WINDOW}, "
-          f"{args.steps} steps a block, {args.rounds} interleaved rounds")
+          f"{args.steps} steps a block, {args.rounds} interleaved rounds, {args.clock} clock")
     print("| model | usage | bare step (ms, median) | monitored step (ms, median) | ratio of medians "
           "| median per-round ratio |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     accounts: list[tuple[str, tuple[float, float, float, float]]] = []
     counters: list[tuple[str, str, float, float]] = []
+    forwards: list[tuple[str, tuple[float, ...]]] = []
     variants: list[str | None] = [None, *USAGES]
     for name, build in (("MLP 20-64-32-10, batch 64", mlp), ("CNN 1-8-16 conv, 8x8, batch 64", cnn)):
         torch.manual_seed(0)
@@ -88,20 +98,21 @@ def main() -> None:
             block(model, x, y, opt, 200, usage)
         times: dict[str | None, list[float]] = {usage: [] for usage in variants}
         ratios: dict[str, list[float]] = {usage: [] for usage in USAGES}
-        for r in range(args.rounds):
+        for r in range(0 if args.no_blocks else args.rounds):
             order = variants[r % len(variants):] + variants[: r % len(variants)]
             measured = {usage: block(model, x, y, opt, args.steps, usage) for usage in order}
             for usage, seconds in measured.items():
                 times[usage].append(seconds)
             for usage in USAGES:
                 ratios[usage].append(measured[usage] / measured[None])
-        bare = statistics.median(times[None])
-        for usage, label in USAGES.items():
+        for usage, label in USAGES.items() if not args.no_blocks else ():
+            bare = statistics.median(times[None])
             watched = statistics.median(times[usage])
             print(f"| {name} | {label} | {1e3 * bare:.3f} | {1e3 * watched:.3f} | {watched / bare:.3f} "
                   f"| {statistics.median(ratios[usage]):.3f} |")
         accounts.append((name, accounting(model, x, y, opt, args.rounds)))
         counters.extend((name, usage, *counter_cost(model, x, y, opt, usage, args.chunks)) for usage in COUNTERS)
+        forwards.append((name, forward_counter_cost(model, x)))
     print("\nPer-step accounting (step() calls): one monitor left running, each step timed by its position in the")
     print("sampling cycle; the extra of a cycle is what its attaching, hooked and following steps cost over an")
     print("unhooked step; the cost adds one window end per window.")
@@ -121,6 +132,11 @@ def main() -> None:
         share = extra_us / bare_us
         print(f"| {name} | {USAGES[usage]} | {bare_us:.0f} | {extra_us:.1f} | {100 * share:.1f}% "
               f"| {100 * (share + totals[name]):.1f}% |")
+    print("\nThe step counter on one forward call (autograd on): bare, with a no-op pre-hook, with the counter.")
+    print("| model | bare forward (us) | no-op hook (us) | counter (us) | counter extra (us) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, (bare_us, noop_us, counter_us) in forwards:
+        print(f"| {name} | {bare_us:.1f} | {noop_us:.1f} | {counter_us:.1f} | {counter_us - bare_us:.1f} |")
 
 
 COUNTERS = ("forward", "optimizer")
@@ -139,15 +155,52 @@ def counter_cost(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.
     monitor.start()
     run(2)  # step 0, the only sampled one, and the step that takes its hooks off
     monitor.stop(close=False)
-    bare, extra = [], []
-    for _ in range(chunks):
-        plain = run(CHUNK)
+    def counted() -> float:
         monitor.start()
-        counted = run(CHUNK)
+        seconds = run(CHUNK)
         monitor.stop(close=False)
+        return seconds
+
+    bare, extra = [], []
+    for chunk in range(chunks):
+        if chunk % 2:  # alternate which goes first, so that an order effect cancels
+            with_counter, plain = counted(), run(CHUNK)
+        else:
+            plain, with_counter = run(CHUNK), counted()
         bare.append(plain)
-        extra.append(counted - plain)
+        extra.append(with_counter - plain)
     return statistics.median(bare), statistics.median(extra)
+
+
+def forward_counter_cost(model: nn.Module, x: torch.Tensor, rounds: int = 150, calls: int = 200) -> tuple[float, ...]:
+    """Microseconds per forward call (autograd on, no backward): (bare, any pre-hook, the monitor's step counter),
+    medians over `rounds` alternating runs of `calls` calls. Any forward hook takes nn.Module's slower call path;
+    the counter adds its own Python on top."""
+
+    def run() -> float:
+        start = clock()
+        for _ in range(calls):
+            model(x)
+        return 1e6 * (clock() - start) / calls
+
+    def hooked(start: Any, stop: Any) -> float:
+        handle = start()
+        try:
+            return run()
+        finally:
+            stop(handle)
+
+    monitor = DeadNeuronMonitor(model, every=10**9, window=10**9)
+    monitor.start()
+    run()  # step 0, the only sampled one
+    monitor.stop(close=False)
+    noop = (lambda: model.register_forward_pre_hook(lambda module, args: None), lambda handle: handle.remove())
+    counter = (monitor.start, lambda _: monitor.stop(close=False))
+    times: list[list[float]] = [[], [], []]
+    for _ in range(rounds):
+        for i, measure in enumerate((run, lambda: hooked(*noop), lambda: hooked(*counter))):
+            times[i].append(measure())
+    return tuple(statistics.median(t) for t in times)
 
 
 def accounting(
@@ -163,14 +216,14 @@ def accounting(
     step()  # position 0 of the first cycle: hooked
     for _ in range(cycles):
         for i in range(DEFAULT_EVERY):  # position i is step k with k % every == i + 1
-            start = time.perf_counter()
+            start = clock()
             step()
-            per_position[i].append(1e6 * (time.perf_counter() - start))
+            per_position[i].append(1e6 * (clock() - start))
     medians = [statistics.median(times) for times in per_position]
     plain = statistics.median(medians[:-2])  # the last two positions attach the hooks and run the hooked step
-    start = time.perf_counter()
+    start = clock()
     monitor._end_window()  # noqa: SLF001 (what a window end costs, timed alone: the first one holds the data)
-    end = 1e6 * (time.perf_counter() - start)
+    end = 1e6 * (clock() - start)
     monitor.stop(close=False)
     # The positions that differ by construction: the step whose step() attaches the hooks, the hooked step and
     # the step after it (detached in the hooked step's step(), cold caches); the other 197 only add noise.
