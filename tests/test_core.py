@@ -189,3 +189,18 @@ def test_comparison_pairs_sites_and_measures_revived_gradient():
     assert "Warning" not in text
     comparison.output_drift = 1.19  # a random-init model's near-zero outputs: the swap moves them 119%
     assert comparison.verdict()[-1].startswith("Warning: the swap moves the outputs by more than their own size")
+
+
+def test_the_console_names_the_units_of_each_site():
+    from deadneuron.report.text import UNITS_SHOWN, unit_lines
+
+    pre = -np.ones((2, 12, 1))
+    pre[:, 11] = 1.0  # units 0-10 never fire
+    grad = np.ones((2, 12, 1))
+    grad[:, 11] = 0.0  # unit 11 fires but receives no gradient
+    site = (SiteInfo("act", "relu", 12, 1), stats_from_activations(pre, grad))
+    report = Report.build(framework="torch", model="m", loss="probe", sites=[site])
+    (line,) = unit_lines(report)
+    dead = ", ".join(map(str, range(UNITS_SHOWN)))
+    assert line == f"units of act: dead {dead} and {11 - UNITS_SHOWN} more; grad-dead but not dead 11"
+    assert line in str(report)

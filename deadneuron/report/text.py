@@ -75,6 +75,33 @@ def layer_row(layer: LayerReport) -> list[str]:
 COLUMNS = ["site", "kind", "units", "dead", "dormant", "grad-dead", "firing", "inactive"]
 
 
+# How many unit indices the console names per site and state; the JSON lists them all.
+UNITS_SHOWN = 8
+
+
+def unit_lines(report: Report, limit: int = UNITS_SHOWN) -> list[str]:
+    """Which units are dead, dormant but not dead, and gradient-dead although not dead, per site: the first `limit`
+    indices of each (a dead unit of the ReLU family is gradient-dead too, so it is not listed twice)."""
+
+    def few(units: list[int]) -> str:
+        shown = ", ".join(map(str, units[:limit]))
+        return shown + (f" and {len(units) - limit} more" if len(units) > limit else "")
+
+    lines = []
+    for layer in report.layers:
+        dead = set(layer.dead_units)
+        parts = [f"dead {few(layer.dead_units)}"] if layer.dead_units else []
+        dormant = [u for u in layer.dormant_units if u not in dead]
+        if dormant:
+            parts.append(f"dormant {few(dormant)}")
+        grad_dead = [u for u in layer.grad_dead_units or [] if u not in dead]
+        if grad_dead:
+            parts.append(f"grad-dead but not dead {few(grad_dead)}")
+        if parts:
+            lines.append(f"units of {layer.name}: " + "; ".join(parts))
+    return lines
+
+
 def summary_lines(report: Report) -> list[str]:
     """Plain-language reading of the totals: dead units versus the per-sample inactive rate."""
     lines = [
@@ -125,6 +152,8 @@ def report_renderables(report: Report) -> Iterator[Any]:
         row = layer_row(layer)
         table.add_row(*(row[i] for i in shown), style=style)
     yield table
+    for line in unit_lines(report):
+        yield Text(line)
     for line in summary_lines(report):
         yield Text(line)
     for name in report.unobserved:
