@@ -285,7 +285,7 @@ def test_probe_without_labels_uses_the_random_cotangent() -> None:
     [
         ({"every_n_epochs": 0}, "every_n_epochs must be an integer >= 1"),
         ({"every_n_epochs": 1.5}, "every_n_epochs must be an integer >= 1"),
-        ({"loss": "xent"}, "unknown loss 'xent'; expected one of auto, ce, mse, probe, none"),
+        ({"loss": "xent"}, "unknown loss 'xent'; expected one of auto, ce, mse, model, probe, none"),
         ({"alert": 1.5}, r"expected a number in \[0, 1\)"),
         ({"atol": -1.0}, "atol must be a finite number >= 0"),
         ({"batch_size": 0}, "batch_size must be an integer >= 1"),
