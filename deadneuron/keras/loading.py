@@ -79,6 +79,8 @@ def check_archive(path: str) -> None:
     from ..archive import open_zip
 
     expected = "a .keras archive written by model.save"
+    if not zipfile.is_zipfile(path):
+        return  # not a zip at all: Keras' loader fails, and _explain says so in its words
     with open_zip(path, what=path, kind="a Keras archive", expected=expected) as archive:
         for info in archive.infolist():
             limit = JSON_LIMIT.get(info.filename)
