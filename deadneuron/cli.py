@@ -388,8 +388,6 @@ def swap(
     """Write a copy of MODEL with every ReLU replaced by SineReLU, in the input's format."""
     from . import api
 
-    if output.resolve() == model.resolve():
-        raise DeadNeuronError(f"-o {output} is the input file; choose another path (the input is never modified)")
     message = api.swap_file(
         model,
         output,

@@ -176,6 +176,6 @@ def inspect(backend: Backend, model: Any, input_shape: Sequence[int] | None = No
     run = backend.prepare(model, None)
     first = next(batches(run, None, None, options, purpose="inspect"))
     with run.watch(options, "none", first) as watch:
-        if not watch.sites():
-            watch.step(first)
+        if not watch.sites():  # a backend that learns its sites while they run (torch hooks) needs one pass;
+            watch.step(first)  # Keras found them when it started watching, and its step would trace for nothing
         return watch.sites()

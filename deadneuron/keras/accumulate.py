@@ -20,22 +20,23 @@ import keras
 import numpy as np
 from keras import ops
 
-from ..core.stats import SiteStats
+from ..core.stats import FIELDS, GRADIENT_FIELDS, SiteStats
 from ..report import SiteInfo
 
-# Rows of the forward and gradient count variables; sums of 0/1 per batch are exact in float32 below 2**24 samples.
-_FORWARD_ROWS = ("fired", "positive", "nonfinite", "inactive_sum")
-_GRAD_ROWS = ("grad_nonzero", "grad_abs_sum")
+# Rows of the forward and gradient sum variables, in `stats.FIELDS` order; the max fields (`max_abs`) are variables of
+# their own. Sums of 0/1 per batch are exact in float32 below 2**24 samples.
+_FORWARD_ROWS = tuple(n for n, (_, how) in FIELDS.items() if how == "sum" and n not in GRADIENT_FIELDS)
+_GRAD_ROWS = tuple(n for n, (_, how) in FIELDS.items() if how == "sum" and n in GRADIENT_FIELDS)
 
 
 class SiteAccumulator:
-    def __init__(self, site: SiteInfo, rank: int, positions: int) -> None:
-        self.site = site
+    def __init__(self, info: SiteInfo, rank: int, positions: int) -> None:
+        self.info = info
         self.rank = rank
         self.positions = positions
         # every axis but the batch (0) and the unit axis: reducing them leaves (samples, units)
-        self.position_axes = tuple(i for i in range(1, rank) if i != site.unit_axis)
-        units = site.units
+        self.position_axes = tuple(i for i in range(1, rank) if i != info.unit_axis)
+        units = info.units
 
         def variable(shape: tuple[int, ...], dtype: str, name: str) -> Any:
             return keras.Variable(np.zeros(shape, dtype), trainable=False, name=f"deadneuron_{name}")
@@ -61,28 +62,24 @@ class SiteAccumulator:
         finite = ops.isfinite(largest)
         top = self._per_sample(ops.cast(z, "float32"), "max")
         batch = ops.shape(a)[0]
-        forward = ops.stack(
-            [
-                ops.sum(ops.cast(active > 0, "float32"), axis=0),
-                ops.sum(ops.cast(top > 0, "float32"), axis=0),
-                ops.sum(ops.cast(ops.logical_not(finite), "float32"), axis=0),
-                ops.cast(batch, "float32") - ops.sum(active, axis=0),  # sum over samples of the fraction at zero
-            ]
-        )
-        self.forward.assign_add(ops.cast(forward, "float64"))
+        forward = {
+            "fired": ops.sum(ops.cast(active > 0, "float32"), axis=0),
+            "positive": ops.sum(ops.cast(top > 0, "float32"), axis=0),
+            "nonfinite": ops.sum(ops.cast(ops.logical_not(finite), "float32"), axis=0),
+            "inactive_sum": ops.cast(batch, "float32") - ops.sum(active, axis=0),  # sum of the fractions at zero
+        }
+        self.forward.assign_add(ops.cast(ops.stack([forward[name] for name in _FORWARD_ROWS]), "float64"))
         largest = ops.max(ops.where(finite, largest, 0.0), axis=0)
         self.max_abs.assign(ops.maximum(self.max_abs, ops.cast(largest, "float64")))
         self.samples.assign_add(ops.cast(batch, "int64"))
         if g is None:
             return
         g = ops.abs(ops.cast(_as_rank(g, self.rank), "float32"))
-        gradient = ops.stack(
-            [
-                ops.sum(ops.cast(self._per_sample(g, "max") > gtol, "float32"), axis=0),
-                ops.sum(self._per_sample(g, "sum"), axis=0),
-            ]
-        )
-        self.gradient.assign_add(ops.cast(gradient, "float64"))
+        gradient = {
+            "grad_nonzero": ops.sum(ops.cast(self._per_sample(g, "max") > gtol, "float32"), axis=0),
+            "grad_abs_sum": ops.sum(self._per_sample(g, "sum"), axis=0),
+        }
+        self.gradient.assign_add(ops.cast(ops.stack([gradient[name] for name in _GRAD_ROWS]), "float64"))
         self.grad_samples.assign_add(ops.cast(batch, "int64"))
 
     def to_stats(self) -> SiteStats:
@@ -90,10 +87,11 @@ class SiteAccumulator:
         gradient = _host(self.gradient)
         arrays = {name: forward[i] for i, name in enumerate(_FORWARD_ROWS)}
         arrays.update({name: gradient[i] for i, name in enumerate(_GRAD_ROWS)})
-        for name in ("fired", "positive", "nonfinite", "grad_nonzero"):
-            arrays[name] = np.rint(arrays[name]).astype(np.int64)
+        for name, (dtype, _) in FIELDS.items():
+            if dtype == "int64" and name in arrays:  # counts summed in floating point: exact, made integers again
+                arrays[name] = np.rint(arrays[name]).astype(np.int64)
         return SiteStats(
-            units=self.site.units,
+            units=self.info.units,
             samples=int(_host(self.samples)),
             grad_samples=int(_host(self.grad_samples)),
             positions=self.positions,

@@ -371,13 +371,13 @@ class KerasWatch:
         self._step(batch.x, y)
 
     def sites(self) -> list[SiteInfo]:
-        return [accumulator.site for accumulator in self.by_name.values()]
+        return [accumulator.info for accumulator in self.by_name.values()]
 
     def accumulators(self) -> list[SiteAccumulator]:
         return list(self.by_name.values())
 
     def collect(self, accumulators: list[Any]) -> list[tuple[SiteInfo, SiteStats]]:
-        return [(accumulator.site, accumulator.to_stats()) for accumulator in accumulators]
+        return [(accumulator.info, accumulator.to_stats()) for accumulator in accumulators]
 
 
 def _training_loss(kind: ResolvedLoss, y: Any, model: Any) -> Any:
