@@ -211,12 +211,12 @@ def test_sympify_guard_holds_without_the_archive_check(tmp_path):
     """Defence in depth: even called directly under our load context, torch.export.load cannot evaluate a
     crafted shape expression."""
     from deadneuron import DeadNeuronError
-    from deadneuron.torch.loading import _weights_only_loads
+    from deadneuron.torch.loading import weights_only_loads
 
     marker = tmp_path / "pwned"
     label, edit, _ = next(c for c in _crafts(_program(tmp_path), marker) if c[0] == "sympy expression")
     bad = _rewrite(tmp_path / "good.pt2", tmp_path / "expr.pt2", edit)
-    with pytest.raises(Exception) as caught, _weights_only_loads():
+    with pytest.raises(Exception) as caught, weights_only_loads():
         torch.export.load(bad)
     assert isinstance(caught.value, DeadNeuronError) or "not a plain expression" in str(caught.value)
     assert not marker.exists()

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 
 import deadneuron  # noqa: E402
 from deadneuron import DeadNeuronError  # noqa: E402
-from deadneuron.torch.loading import _weights_only_loads  # noqa: E402
+from deadneuron.torch.loading import weights_only_loads  # noqa: E402
 
 from . import torch_zoo as zoo  # noqa: E402
 from .conftest import last_line, run_cli  # noqa: E402
@@ -128,7 +128,7 @@ def test_crafted_pt2_is_refused_and_runs_nothing(tmp_path):
     with pytest.raises(DeadNeuronError, match=r"refers to posix.system.*refused"):
         deadneuron.load_model(bad)
     # Even past the check, torch.export.load's unpickling fallback is closed while we load.
-    with pytest.raises((pickle.UnpicklingError, RuntimeError)), _weights_only_loads():
+    with pytest.raises((pickle.UnpicklingError, RuntimeError)), weights_only_loads():
         torch.export.load(bad)
     assert not marker.exists()
     assert torch.load is torch.serialization.load

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import DeadNeuronError
-from .pt2 import _weights_only_loads  # noqa: F401 (tests call it directly)
+from .pt2_program import weights_only_loads  # noqa: F401 (tests call it directly)
 
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 _TORCHSCRIPT_HINT = (
