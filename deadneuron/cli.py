@@ -100,6 +100,12 @@ UnitAxisOpt = Annotated[
     int | None,
     typer.Option("--unit-axis", help="Axis that indexes units (default: channels for conv maps, features otherwise)."),
 ]
+AllUnitsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--all-units", help="Name every dead, dormant and gradient-dead unit (default: the first 8 of each per site)."
+    ),
+]
 JsonOpt = Annotated[str | None, typer.Option("--json", help="Write the JSON report to PATH, or '-' for stdout alone.")]
 HtmlOpt = Annotated[Path | None, typer.Option("--html", help="Write the report as an HTML page.")]
 FailOpt = Annotated[
@@ -191,17 +197,20 @@ def _write_text(flag: str, path: Path, text: str) -> None:
         ) from error
 
 
-def _write_outputs(result: Any, json_path: str | None, html_path: Path | None) -> None:
+def _write_outputs(result: Any, json_path: str | None, html_path: Path | None, all_units: bool = False) -> None:
+    from .report.text import UNITS_SHOWN, renderables
+
+    units = None if all_units else UNITS_SHOWN
     if json_path == "-":
         sys.stdout.write(result.to_json() + "\n")
     else:
-        _stdout_console().print(result)
+        _stdout_console().print(renderables(result, units))
         if json_path:
             _write_text("--json", Path(json_path), result.to_json() + "\n")
     if html_path is not None:
         from .report.html import to_html
 
-        _write_text("--html", html_path, to_html(result))
+        _write_text("--html", html_path, to_html(result, units))
 
 
 def _kinds(include: str) -> tuple[str, ...]:
@@ -241,6 +250,7 @@ def scan(
     unit_axis: UnitAxisOpt = None,
     json: JsonOpt = None,
     html: HtmlOpt = None,
+    all_units: AllUnitsOpt = False,
     fail_over: FailOpt = None,
     seed: SeedOpt = 0,
     unsafe_pickle: PickleOpt = False,
@@ -268,7 +278,7 @@ def scan(
         else:
             report = api.scan(loaded, dataset, progress=progress, name=model.name, **options)
     if primary:  # under torchrun, rank 0 alone writes the report
-        _write_outputs(report, json, html)
+        _write_outputs(report, json, html, all_units)
     if fail_over is not None and report.dead_fraction > fail_over:
         if primary:
             print(
@@ -341,6 +351,7 @@ def compare(
     gtol: GtolOpt = 0.0,
     json: JsonOpt = None,
     html: HtmlOpt = None,
+    all_units: AllUnitsOpt = False,
     seed: SeedOpt = 0,
     unsafe_pickle: PickleOpt = False,
     unsafe_deserialization: UnsafeKerasOpt = False,
@@ -371,7 +382,7 @@ def compare(
         seed=seed,
         name=model.name,
     )
-    _write_outputs(comparison, json, html)
+    _write_outputs(comparison, json, html, all_units)
 
 
 @app.command()

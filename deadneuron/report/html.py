@@ -13,7 +13,7 @@ from . import charts
 from .comparison import Comparison
 from .history import FRACTIONS, History
 from .layers import Report
-from .text import COLUMNS, layer_row, summary_lines
+from .text import COLUMNS, UNITS_SHOWN, layer_row, site_units, summary_lines
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; max-width: 72rem; }
@@ -49,7 +49,24 @@ def _charts(draw: Iterable[Callable[[], charts.Chart | None]]) -> str:
     return "\n".join(_figure(make()) for make in draw)
 
 
-def _report_section(report: Report, heading: str | None = None) -> str:
+def _unit_paragraphs(report: Report, limit: int | None) -> list[str]:
+    """Which units of each site are dead, dormant or gradient-dead: the first `limit` of each state, and where that
+    leaves some out, every one of them in a <details> element (no script: the browser folds it)."""
+    parts = []
+    for layer in report.layers:
+        shown = site_units(layer, limit)
+        if shown is None:
+            continue
+        parts.append(f'<p class="units">units of {esc(layer.name)}: {esc(shown)}</p>')
+        every = site_units(layer, None)
+        if every != shown:
+            parts.append(
+                f"<details><summary>all units of {esc(layer.name)}</summary><p>{esc(every or '')}</p></details>"
+            )
+    return parts
+
+
+def _report_section(report: Report, heading: str | None = None, units: int | None = UNITS_SHOWN) -> str:
     parts = [f"<h2>{esc(heading)}</h2>" if heading else ""]
     parts.append("<table><thead><tr>" + "".join(f"<th>{esc(c)}</th>" for c in COLUMNS) + "</tr></thead><tbody>")
     for layer in report.layers:
@@ -57,6 +74,7 @@ def _report_section(report: Report, heading: str | None = None) -> str:
         cells = "".join(f"<td>{esc(cell)}</td>" for cell in layer_row(layer))
         parts.append(f'<tr class="{css}">{cells}</tr>')
     parts.append("</tbody></table>")
+    parts.extend(_unit_paragraphs(report, units))
     parts.extend(f"<p>{esc(line)}</p>" for line in summary_lines(report))
     parts.extend(f'<p class="warning">not observed: {esc(name)}</p>' for name in report.unobserved)
     parts.extend(f'<p class="warning">warning: {esc(w)}</p>' for w in report.warnings)
@@ -75,16 +93,17 @@ def _history_table(history: History) -> str:
     return f"<table><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
-def to_html(result: Report | Comparison | History) -> str:
-    """A Report, a Comparison or a callback's History (`monitor.history()`) as a page."""
+def to_html(result: Report | Comparison | History, units: int | None = UNITS_SHOWN) -> str:
+    """A Report, a Comparison or a callback's History (`monitor.history()`) as a page; the dead, dormant and
+    gradient-dead units of each site are named, the first `units` of each (all when None) and the rest folded."""
     if isinstance(result, Comparison):
         title = f"deadneuron: {result.before.model} ({result.before.framework}), ReLU -> {result.to}"
         body = "\n".join(
             [
                 "".join(f"<p>{esc(line)}</p>" for line in result.verdict()),
                 _charts([lambda: charts.comparison_chart(result), lambda: charts.revival_chart(result)]),
-                _report_section(result.before, "Before (ReLU)"),
-                _report_section(result.after, f"After ({result.to})"),
+                _report_section(result.before, "Before (ReLU)", units),
+                _report_section(result.after, f"After ({result.to})", units),
             ]
         )
     elif isinstance(result, History):
@@ -93,7 +112,7 @@ def to_html(result: Report | Comparison | History) -> str:
     else:
         title = f"deadneuron: {result.model} ({result.framework})"
         body = _charts([lambda: charts.units_chart(result), lambda: charts.firing_chart(result)])
-        body += "\n" + _report_section(result)
+        body += "\n" + _report_section(result, units=units)
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{esc(title)}</title><style>{_STYLE}</style></head>\n"

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..core.kinds import NONNEGATIVE
+
 if TYPE_CHECKING:
     from .comparison import Comparison
     from .layers import LayerReport, Report
@@ -75,30 +77,43 @@ def layer_row(layer: LayerReport) -> list[str]:
 COLUMNS = ["site", "kind", "units", "dead", "dormant", "grad-dead", "firing", "inactive"]
 
 
-# How many unit indices the console names per site and state; the JSON lists them all.
+# How many unit indices the console and the HTML page name per site and state by default; `--all-units` (limit
+# None) names them all; the JSON always lists them all.
 UNITS_SHOWN = 8
 
 
-def unit_lines(report: Report, limit: int = UNITS_SHOWN) -> list[str]:
-    """Which units are dead, dormant but not dead, and gradient-dead although not dead, per site: the first `limit`
-    indices of each (a dead unit of the ReLU family is gradient-dead too, so it is not listed twice)."""
+def few_units(units: list[int], limit: int | None = UNITS_SHOWN) -> str:
+    """The first `limit` indices (all when `limit` is None) and how many more there are.
 
-    def few(units: list[int]) -> str:
-        shown = ", ".join(map(str, units[:limit]))
-        return shown + (f" and {len(units) - limit} more" if len(units) > limit else "")
+    >>> few_units(list(range(10)), 3)
+    '0, 1, 2 and 7 more'
+    """
+    shown = units if limit is None else units[:limit]
+    more = len(units) - len(shown)
+    return ", ".join(map(str, shown)) + (f" and {more} more" if more else "")
 
+
+def site_units(layer: LayerReport, limit: int | None = UNITS_SHOWN) -> str | None:
+    """Which units of one site are dead, dormant but not dead, and gradient-dead although not dead (a dead unit of
+    the ReLU family is gradient-dead too, so it is not listed twice); None when there are none."""
+    dead = set(layer.dead_units)
+    parts = [f"dead {few_units(layer.dead_units, limit)}"] if layer.dead_units else []
+    dormant = [u for u in layer.dormant_units if u not in dead]
+    if dormant:
+        parts.append(f"dormant {few_units(dormant, limit)}")
+    grad_dead = [u for u in layer.grad_dead_units or [] if u not in dead]
+    if grad_dead:
+        parts.append(f"grad-dead but not dead {few_units(grad_dead, limit)}")
+    return "; ".join(parts) or None
+
+
+def unit_lines(report: Report, limit: int | None = UNITS_SHOWN) -> list[str]:
+    """`units of SITE: ...` for every site with a dead, dormant or gradient-dead unit (see `site_units`)."""
     lines = []
     for layer in report.layers:
-        dead = set(layer.dead_units)
-        parts = [f"dead {few(layer.dead_units)}"] if layer.dead_units else []
-        dormant = [u for u in layer.dormant_units if u not in dead]
-        if dormant:
-            parts.append(f"dormant {few(dormant)}")
-        grad_dead = [u for u in layer.grad_dead_units or [] if u not in dead]
-        if grad_dead:
-            parts.append(f"grad-dead but not dead {few(grad_dead)}")
-        if parts:
-            lines.append(f"units of {layer.name}: " + "; ".join(parts))
+        units = site_units(layer, limit)
+        if units:
+            lines.append(f"units of {layer.name}: {units}")
     return lines
 
 
@@ -114,15 +129,34 @@ def summary_lines(report: Report) -> list[str]:
         lines.append(
             f"Gradient-dead (no gradient reaches the unit on any sample): {_count(report.grad_dead, report.units)}."
         )
-    if report.layers and report.units:
-        mean_inactive = sum(layer.inactive_rate * layer.units for layer in report.layers) / report.units
-        lines.append(
-            f"On a typical sample {_pct(mean_inactive)} of outputs are zero: normal sparsity (about half at ReLU "
-            "init), not deadness."
-        )
+    lines.extend(_sparsity_lines(report))
     if report.samples and report.samples < 100:
         lines.append(
             f"Only {report.samples} samples were scanned: a unit that fires rarely may look dead; scan more data."
+        )
+    return lines
+
+
+def _sparsity_lines(report: Report) -> list[str]:
+    """What the zeros mean. At ReLU-family sites (output exactly 0 wherever the pre-activation is <= 0) about half
+    of the outputs are zero on a sample at init: normal sparsity, not deadness. Smooth activations (GELU, SiLU, ...,
+    and SineReLU) are exactly zero almost nowhere, so their near-zero inactive rate says nothing either way; there the
+    telling figure is dormant (pre-activation never > 0)."""
+    hard = [layer for layer in report.layers if layer.kind in NONNEGATIVE]
+    smooth = sorted({layer.kind for layer in report.layers if layer.kind not in NONNEGATIVE})
+    lines = []
+    units = sum(layer.units for layer in hard)
+    if units:
+        mean_inactive = sum(layer.inactive_rate * layer.units for layer in hard) / units
+        family = "" if len(hard) == len(report.layers) else " at the ReLU-family sites"
+        lines.append(
+            f"On a typical sample {_pct(mean_inactive)} of outputs{family} are zero: normal sparsity (about half at "
+            "ReLU init), not deadness."
+        )
+    if smooth:
+        lines.append(
+            f"{', '.join(smooth)} outputs are exactly zero almost nowhere: there a unit is dead only when its output "
+            "is 0 on every sample; dormant (pre-activation never > 0) is the figure to read."
         )
     return lines
 
@@ -136,7 +170,9 @@ def _table() -> Any:
     return Table(box=box.SIMPLE_HEAVY, show_edge=False, pad_edge=False, collapse_padding=True)
 
 
-def report_renderables(report: Report) -> Iterator[Any]:
+def report_renderables(report: Report, units: int | None = UNITS_SHOWN) -> Iterator[Any]:
+    """The console report: title, table, the units of each site (the first `units` indices of each state; all when
+    None), the summary, unobserved sites and warnings."""
     from rich.text import Text
 
     # One kind for every site (the common case) goes into the title, leaving the width to the site names.
@@ -152,7 +188,7 @@ def report_renderables(report: Report) -> Iterator[Any]:
         row = layer_row(layer)
         table.add_row(*(row[i] for i in shown), style=style)
     yield table
-    for line in unit_lines(report):
+    for line in unit_lines(report, units):
         yield Text(line)
     for line in summary_lines(report):
         yield Text(line)
@@ -176,7 +212,30 @@ def _before_after(before: int | None, after: int | None) -> str:
     return f"{'-' if before is None else before} -> {'-' if after is None else after}"
 
 
-def comparison_renderables(comparison: Comparison) -> Iterator[Any]:
+def comparison_unit_lines(comparison: Comparison, limit: int | None = UNITS_SHOWN) -> list[str]:
+    """Per site with dead units before or after the swap: which were dead before, which are dead after."""
+    lines = []
+    for site in comparison.sites:
+        b, a = site.before, site.after
+        if not (b.dead_units or a.dead_units):
+            continue
+        before = few_units(b.dead_units, limit) if b.dead_units else "none"
+        after = few_units(a.dead_units, limit) if a.dead_units else "none"
+        lines.append(f"units of {b.name}: dead under {b.kind} {before}; dead after the swap {after}")
+    return lines
+
+
+def renderables(result: Report | Comparison, units: int | None = UNITS_SHOWN) -> Any:
+    """A report or a comparison as one rich renderable, naming the first `units` units of each state per site (all
+    when None); `print(report)` and rich's `console.print(report)` use the default."""
+    from rich.console import Group
+
+    if hasattr(result, "before"):
+        return Group(*comparison_renderables(result, units))  # type: ignore[arg-type]
+    return Group(*report_renderables(result, units))  # type: ignore[arg-type]
+
+
+def comparison_renderables(comparison: Comparison, units: int | None = UNITS_SHOWN) -> Iterator[Any]:
     from rich.text import Text
 
     before = comparison.before
@@ -200,6 +259,8 @@ def comparison_renderables(comparison: Comparison) -> Iterator[Any]:
         "-" if comparison.gradient_ratio is None else f"{comparison.gradient_ratio:.2g}", style="bold",
     )
     yield table
+    for line in comparison_unit_lines(comparison, units):
+        yield Text(line)
     for line in comparison.verdict():
         yield Text(line)
     for warning in comparison.before.warnings + comparison.after.warnings:
