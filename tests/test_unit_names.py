@@ -125,7 +125,7 @@ def test_zeros_are_read_by_kind():
 
     lines = summary_lines(_report(["relu", "gelu"]))
     (mixed,) = [line for line in lines if "normal sparsity" in line]
-    assert "of outputs at the ReLU-family sites are zero" in mixed
+    assert "of outputs at the ReLU-like sites are zero" in mixed
     # the rate is that of the ReLU site alone (about half), not diluted by the GELU site's zero rate
     rate = float(re.search(r"([\d.]+)% of outputs", mixed).group(1))
     assert 35 < rate < 65

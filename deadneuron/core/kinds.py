@@ -12,7 +12,7 @@ from collections.abc import MutableMapping
 SITE_KINDS = frozenset(
     {
         "relu", "relu6", "relu2", "leaky_relu", "prelu", "rrelu", "elu", "selu", "celu", "gelu", "gelu_tanh",
-        "quick_gelu", "silu", "hardswish", "softplus", "squareplus", "sparse_plus", "mish", "sinerelu",
+        "quick_gelu", "silu", "hardswish", "hard_mish", "softplus", "squareplus", "sparse_plus", "mish", "sinerelu",
     }
 )
 # Output nonlinearities: never sites; a softmax or sigmoid that ends a Keras model is watched for its logits.
@@ -22,6 +22,10 @@ LOGIT_KINDS = frozenset({"softmax", "sigmoid"})
 SIGN_PRESERVING = frozenset({"relu", "relu6", "relu2", "leaky_relu", "elu", "celu", "selu"})
 # Kinds whose output is never negative: max |a| is max a.
 NONNEGATIVE = frozenset({"relu", "relu6", "relu2"})
+# Kinds that output exactly 0 on a whole half-line of inputs (z <= 0, or z <= -3 for hard-swish): a zero output is
+# their off state, so zeros on a sample are normal sparsity. Other kinds (GELU, SiLU, SineReLU, ...) are exactly
+# zero almost nowhere.
+ZERO_REGION = NONNEGATIVE | {"hardswish", "hard_mish"}
 # Other spellings of a kind (Keras names, registered names) -> the kind.
 _ALIASES = {"swish": "silu", "hard_silu": "hardswish", "hard_swish": "hardswish", "leakyrelu": "leaky_relu"}
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..core.kinds import NONNEGATIVE
+from ..core.kinds import ZERO_REGION
 
 if TYPE_CHECKING:
     from .comparison import Comparison
@@ -138,17 +138,17 @@ def summary_lines(report: Report) -> list[str]:
 
 
 def _sparsity_lines(report: Report) -> list[str]:
-    """What the zeros mean. At ReLU-family sites (output exactly 0 wherever the pre-activation is <= 0) about half
+    """What the zeros mean. At ReLU-like sites (output exactly 0 on a half-line of inputs: `ZERO_REGION`) about half
     of the outputs are zero on a sample at init: normal sparsity, not deadness. Smooth activations (GELU, SiLU, ...,
     and SineReLU) are exactly zero almost nowhere, so their near-zero inactive rate says nothing either way; there the
     telling figure is dormant (pre-activation never > 0)."""
-    hard = [layer for layer in report.layers if layer.kind in NONNEGATIVE]
-    smooth = sorted({layer.kind for layer in report.layers if layer.kind not in NONNEGATIVE})
+    hard = [layer for layer in report.layers if layer.kind in ZERO_REGION]
+    smooth = sorted({layer.kind for layer in report.layers if layer.kind not in ZERO_REGION})
     lines = []
     units = sum(layer.units for layer in hard)
     if units:
         mean_inactive = sum(layer.inactive_rate * layer.units for layer in hard) / units
-        family = "" if len(hard) == len(report.layers) else " at the ReLU-family sites"
+        family = "" if len(hard) == len(report.layers) else " at the ReLU-like sites"
         lines.append(
             f"On a typical sample {_pct(mean_inactive)} of outputs{family} are zero: normal sparsity (about half at "
             "ReLU init), not deadness."

@@ -39,7 +39,7 @@ _MODULE_KINDS: dict[type[nn.Module], str] = {
 # Activation modules of the libraries models come from, by module and class name. They are looked up in
 # `sys.modules` when a scan starts, never imported: a model built by transformers has already imported them.
 # gelu: the erf form; gelu_tanh: the tanh approximations ("gelu_new", "gelu_fast", "gelu_pytorch_tanh");
-# quick_gelu: x * sigmoid(1.702 x); relu2: relu(x)**2 (Primer).
+# quick_gelu: x * sigmoid(1.702 x); relu2: relu(x)**2 (Primer); hard_mish: x * clamp(x + 2, 0, 2) / 2 (timm).
 ECOSYSTEM_KINDS: dict[str, dict[str, str]] = {
     "transformers.activations": {
         "GELUActivation": "gelu",
@@ -53,6 +53,30 @@ ECOSYSTEM_KINDS: dict[str, dict[str, str]] = {
         "SiLUActivation": "silu",
         "MishActivation": "mish",
         "ReLUSquaredActivation": "relu2",
+    },
+    # timm's own modules (its models also use torch's nn.ReLU, nn.SiLU, ...; its PReLU subclasses nn.PReLU). The
+    # `_me` variants are the memory-efficient autograd versions of the same formulas; timm before 0.9 kept them
+    # under timm.models.layers.
+    **{
+        f"{package}.activations": {
+            "Swish": "silu",
+            "Mish": "mish",
+            "HardSwish": "hardswish",
+            "HardMish": "hard_mish",
+            "GELU": "gelu",
+            "GELUTanh": "gelu_tanh",
+            "QuickGELU": "quick_gelu",
+        }
+        for package in ("timm.layers", "timm.models.layers")
+    },
+    **{
+        f"{package}.activations_me": {
+            "SwishMe": "silu",
+            "MishMe": "mish",
+            "HardSwishMe": "hardswish",
+            "HardMishMe": "hard_mish",
+        }
+        for package in ("timm.layers", "timm.models.layers")
     },
 }
 
