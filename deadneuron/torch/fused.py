@@ -11,7 +11,9 @@ It takes contiguous CPU float32/float64 tensors of one dtype and size (whole ten
 makes of dense ones in another memory order); anything else,
 and the max form with epsilon*sqrt(2) > 1 in backward, stays eager. `kernels.suspended()` turns it off in a block.
 Values: the eager path's maths (same clamp before the transcendental, same branch choice, nan and inf alike), within a
-few ulps of it, since the sine comes from libmvec (<= 4 ulps) instead of numpy.
+few ulps of it, since the sine is not numpy's: float32 on x86-64 with FMA uses `_fused.c`'s own (within 2 eps of the
+float64 sine for every float32 argument it serves, tests/test_sinerelu_sine.py; `use_sine` switches), everything else
+glibc's libmvec (<= 4 ulps).
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ try:
 except ImportError:  # built without a C compiler, or a platform the build did not support
     _fused = None
 
-__all__ = ["available", "backward", "forward", "run_backward", "run_forward", "takes"]
+__all__ = ["SINES", "available", "backward", "forward", "run_backward", "run_forward", "takes", "use_sine"]
+
+# The float32 loops' sine/cosine (float64 always uses libmvec): "libmvec" (glibc's vector sinf/cosf, or the libm),
+# "own-avx2" / "own-avx512" (_fused.c's own, for x86-64 with FMA: the default where the CPU has it).
+SINES = ("libmvec", "own-avx2", "own-avx512")
 
 # Below this many elements (4 MiB of float32) one thread does the whole call. Starting and joining a thread costs
 # ~20 us on a quiet core and far more when the cores are busy (DataLoader workers, other processes): on this shared
@@ -39,6 +45,15 @@ _DTYPES = (torch.float32, torch.float64)
 def available() -> bool:
     """Whether the fused loops were built with this installation (`pip install` found a C compiler)."""
     return _fused is not None
+
+
+def use_sine(name: str | None = None) -> str:
+    """The float32 sine now in use (one of SINES); with `name`, switch to it (or to the best this CPU has below it)
+    and return the previous one. For tests and benchmarks that compare the two; the default is the best."""
+    if _fused is None:
+        raise RuntimeError("the fused loops were not built")
+    previous = _fused.set_sine(-1 if name is None else SINES.index(name))
+    return SINES[previous]
 
 
 def takes(x: Tensor) -> bool:
@@ -81,6 +96,13 @@ def run_backward(src: Tensor, grad: Tensor, dst: Tensor, k: float, crossing: flo
     """`backward` for tensors already known to qualify."""
     n = src.numel()
     _fused.backward(
-        src.data_ptr(), grad.data_ptr(), dst.data_ptr(), n, k, crossing, src.dtype == torch.float64, form == "max",
+        src.data_ptr(),
+        grad.data_ptr(),
+        dst.data_ptr(),
+        n,
+        k,
+        crossing,
+        src.dtype == torch.float64,
+        form == "max",
         _threads(n),
     )
