@@ -21,6 +21,7 @@ import keras
 
 from ..core.sinerelu import DEFAULT_EPSILON, Form, check_epsilon, check_form
 from ..core.sinerelu import max_form_crossing as _max_form_crossing
+from . import fused
 
 # sin z - cos z = sqrt(2) sin(z - pi/4) and cos z + sin z = sqrt(2) cos(z - pi/4): one transcendental.
 _SHIFT = math.pi / 4
@@ -89,10 +90,12 @@ GRAPH_MIN_ELEMENTS = 1 << 18
 def _tensorflow_kernel(epsilon: float, form: str) -> Kernel:
     """TensorFlow version of the same maths, faster than the keras.ops one (docs/benchmarks.md).
 
-    Why not keras.ops here: `tf.where` is SelectV2, about twice the cost of same-shape `Select` on CPU; and
-    large eager calls run as a graph (`tf.function`, no XLA: XLA made SineReLU 2-4x slower on this CPU), where
-    TensorFlow reuses the buffers of intermediates instead of allocating and page-faulting a fresh tensor per
-    op. Inside a model's compiled step (already a graph) the ops are inlined.
+    In a graph (a model's train or predict function, a user's tf.function), float32 tensors of the piecewise
+    form from `fused.MIN_ELEMENTS` elements run one XLA-compiled loop per direction (`fused.py`); smaller ones,
+    other dtypes and the max form run the ops below, inlined into the graph. Why not keras.ops for those:
+    `tf.where` is SelectV2, about twice the cost of same-shape `Select` on CPU. Large eager calls run the same
+    ops as a graph (`tf.function` without XLA, so that no eager call waits for a compile per size), where
+    TensorFlow reuses the buffers of intermediates instead of allocating and page-faulting a fresh tensor per op.
     """
     import tensorflow as tf
 
@@ -112,6 +115,12 @@ def _tensorflow_kernel(epsilon: float, form: str) -> Kernel:
 
     @tf.custom_gradient
     def apply(z: Any) -> Any:
+        if fused.applies(z, form):
+            # In a graph (a Keras train/predict function, a tf.function): one XLA-compiled loop per direction.
+            def fused_grad(upstream: Any) -> Any:
+                return fused.backward(z, upstream, scale)
+
+            return fused.forward(z, scale), fused_grad
         if large_and_eager(z):
             # Flattened, so that one trace per dtype serves every shape.
             graph = _tensorflow_graph("forward", z.dtype.name, form)
