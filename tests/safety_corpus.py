@@ -38,6 +38,9 @@ class Case:
     message: str = ""  # regex on the one stderr line
     bomb: bool = False  # compare peak memory with the normal scan in `baseline`
     baseline: list[str] = field(default_factory=list)  # argv of the normal scan of the same model
+    # the corpus folder is on sys.path, as the current folder is for `python -m deadneuron` run there: a payload
+    # module lying next to the file could be imported
+    importable: bool = False
 
 
 class Payload:
@@ -227,6 +230,7 @@ def pt2_cases(folder: Path, bombs: bool) -> list[Case]:
     case("sample inputs I0x10 pickle", sample_inputs(i0x10_pickle(marker)), message="sample_inputs")
     case("sample inputs torch.save payload", sample_inputs(payload), message="sample_inputs")
 
+    cases += spec_cases(folder, good, marker)
     if not bombs:
         return cases
     baseline = ["scan", str(good), "--samples", "4"]
@@ -237,6 +241,40 @@ def pt2_cases(folder: Path, bombs: bool) -> list[Case]:
     ):
         case(f"zip bomb: {label}", lambda name, data, member=member: None if name == member else data,
              add=[(member, ("bomb", fill, head))], bomb=True, baseline=baseline, message="expands to")
+    return cases
+
+
+def spec_cases(folder: Path, good: Path, marker: Path) -> list[Case]:
+    """The program's input and output trees (pytree specs): torch's parser imports the module that an `__enum__`
+    object in a node's context names, and looks node types up by name."""
+    (folder / "corpus_payload.py").write_text(f"{touch_code(marker)}\nclass Key(dict):\n    pass\n")
+
+    def spec(key: str, change: Callable[[dict[str, Any]], None]) -> Edit:
+        def edit(document: dict[str, Any]) -> None:
+            signature = document["graph_module"]["module_call_graph"][0]["signature"]
+            parsed = json.loads(signature[key])
+            change(parsed[1])
+            signature[key] = json.dumps(parsed)
+
+        return edit_program(edit)
+
+    def enum_key(node: dict[str, Any]) -> None:  # the inputs' kwargs dict gets one key that imports the payload
+        kwargs = node["children_spec"][1]
+        kwargs["context"] = json.dumps([{"__enum__": True, "fqn": "corpus_payload:Key", "name": "x"}])
+
+    def output_type(name: str) -> Callable[[dict[str, Any]], None]:
+        return lambda node: node.update(type=name)
+
+    cases = []
+    for label, edit, message in (
+        ("input tree context imports a module", spec("in_spec", enum_key), "a context holding a dict"),
+        ("output tree of type os.system", spec("out_spec", output_type("os.system")), "outputs are a os.system"),
+        ("output tree of type builtins.eval", spec("out_spec", output_type("builtins.eval")), "builtins.eval"),
+        ("output tree of a transformers module outside models",
+         spec("out_spec", output_type("transformers.commands.serving.ServeCommand")), "not a transformers"),
+    ):
+        path = rewrite(good, folder / (label.replace(" ", "_").replace(".", "_") + ".pt2"), edit)
+        cases.append(Case(label, path, ["scan", "--samples", "4"], message=message, importable=True))
     return cases
 
 
@@ -358,8 +396,9 @@ def build(folder: Path, *, bombs: bool = True) -> list[Case]:
 
 
 # a report on the current checkout ---------------------------------------------------------------------------------
-def run_child(argv: list[str], timeout: float = 300) -> tuple[int, list[str], int]:
-    """(exit code, non-empty stderr lines, peak RSS in MiB) of `python -m deadneuron ARGV` in a fresh process."""
+def run_child(argv: list[str], timeout: float = 300, path: Path | None = None) -> tuple[int, list[str], int]:
+    """(exit code, non-empty stderr lines, peak RSS in MiB) of `python -m deadneuron ARGV` in a fresh process;
+    `path` first on its sys.path."""
     probe = (
         "import resource, subprocess, sys\n"
         "r = subprocess.run([sys.executable, '-m', 'deadneuron', *sys.argv[1:]], capture_output=True, text=True)\n"
@@ -367,6 +406,8 @@ def run_child(argv: list[str], timeout: float = 300) -> tuple[int, list[str], in
         "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
     )
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3")}
+    if path is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(path), env.get("PYTHONPATH", "")) if p)
     try:
         result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True,
                                 timeout=timeout, env=env)
@@ -386,7 +427,8 @@ def main(folder: str) -> None:
     for case in cases:
         (root / MARKER).unlink(missing_ok=True)
         (root / VICTIM).write_bytes(VICTIM_TEXT)
-        code, lines, rss = run_child([case.args[0], str(case.path), *case.args[1:]])
+        code, lines, rss = run_child([case.args[0], str(case.path), *case.args[1:]],
+                                     path=root if case.importable else None)
         ran = (root / MARKER).exists() or (root / VICTIM).read_bytes() != VICTIM_TEXT
         memory = f"{rss}"
         if case.bomb:

@@ -5,6 +5,7 @@ memory of a normal scan of the same model, measured in a child process."""
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
 
@@ -30,14 +31,16 @@ def _check(folder, case, code, lines):
         assert re.search(case.message, lines[0]), (case.label, lines[0])
 
 
-def test_crafted_files_run_nothing_and_fail_in_one_line(cases, capsys):
+def test_crafted_files_run_nothing_and_fail_in_one_line(cases, capsys, monkeypatch):
     folder, table = cases
+    monkeypatch.syspath_prepend(str(folder))  # payload modules lying next to the files are importable
     assert len(table) >= 12
     for case in table.values():
         code = main([case.args[0], str(case.path), *case.args[1:]])
         captured = capsys.readouterr()
         lines = [line for line in captured.err.splitlines() if line.strip()]
         _check(folder, case, code, lines)
+        assert "corpus_payload" not in sys.modules, case.label
         if case.expect == 0:  # a clean load: the report came out
             assert "activation sites" in captured.out, (case.label, captured.out)
 

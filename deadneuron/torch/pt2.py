@@ -18,13 +18,17 @@ disagree on duplicated names. Here:
    operator whose schema takes tensors, scalars, lists, dtypes and the like (a `str` only where it is a mode or
    a message), placeholders hold tensors or numbers, and no text can reach generated code as a new line.
 
-Steps 3 and 5, what the program itself may hold, live in `pt2_program.py`; this module reads the archive.
+Steps 3 and 5, what the program itself may hold, live in `pt2_program.py`; the trees of the program's inputs and
+outputs, whose text torch's parser would resolve into Python types (importing modules a crafted context names), are
+checked in `pt2_specs.py` (a transformers ModelOutput is admitted by a strict rule). What torch's deserializer logs
+is kept, not printed, and put into the one-line error when it fails. This module reads the archive.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import zipfile
 from typing import Any
@@ -42,6 +46,7 @@ from .pt2_program import (
     refuse,
     weights_only_loads,
 )
+from .pt2_specs import check_specs
 
 JSON_LIMIT = 64 << 20  # model.json of a large transformer is a few MB
 CONFIG_LIMIT = 16 << 20
@@ -56,6 +61,7 @@ _FIXED = frozenset(
     {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id", "version"}
 )
 _PAYLOAD_NAME = re.compile(r"(weight|tensor)_[0-9]+")
+
 
 def _raw_pickle_globals(data: bytes) -> set[str]:
     """The globals a plain (non-zip) pickle would import, read from its opcodes without unpickling it; empty
@@ -139,7 +145,6 @@ def _members(archive: zipfile.ZipFile, path: str) -> tuple[str, dict[str, zipfil
     return prefix, members
 
 
-
 def _pickle_globals_note(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> str:
     """' (it refers to posix.system)' for a refused pickle whose globals can be named without unpickling it; ''
     otherwise. For the message only: the decision to refuse was already taken."""
@@ -149,7 +154,7 @@ def _pickle_globals_note(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> str
         data = archive.read(info)
         found = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data)) if data[:2] == b"PK" else []
         if not found:
-                        found = sorted(_raw_pickle_globals(data))
+            found = sorted(_raw_pickle_globals(data))
     except Exception:
         return ""
     return f" (it refers to {', '.join(found)})" if found else ""
@@ -206,8 +211,11 @@ def _payloads(
         if meta.use_pickle:
             info = members.get(f"data/{folder}/{file}")
             note = _pickle_globals_note(archive, info) if info is not None else ""
-            raise refuse(label, f"is stored as a pickle{note}, not as plain tensor data",
-                         "re-save the file with torch.export.save from plain tensors")
+            raise refuse(
+                label,
+                f"is stored as a pickle{note}, not as plain tensor data",
+                "re-save the file with torch.export.save from plain tensors",
+            )
         if meta.tensor_meta is None:
             raise DeadNeuronError(f"{label} has no tensor description; expected {EXPECTED}")
         tm = meta.tensor_meta
@@ -248,7 +256,9 @@ def _payloads(
     for fqn, meta in config.config.items():
         tm = meta.tensor_meta
         view = torch.as_strided(
-            tensors[meta.path_name], deserialize_size(tm.sizes), deserialize_stride(tm.strides),
+            tensors[meta.path_name],
+            deserialize_size(tm.sizes),
+            deserialize_stride(tm.strides),
             deserialize_storage_offset(tm.storage_offset),
         )
         out[fqn] = torch.nn.Parameter(view, requires_grad=tm.requires_grad) if meta.is_param else view
@@ -272,8 +282,11 @@ def _sample_inputs(archive: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo]
     try:
         inputs = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise refuse(where, f"holds a pickle that is not plain tensor data{_pickle_globals_note(archive, info)}",
-                     "re-save the file with torch.export.save") from error
+        raise refuse(
+            where,
+            f"holds a pickle that is not plain tensor data{_pickle_globals_note(archive, info)}",
+            "re-save the file with torch.export.save",
+        ) from error
     except Exception as error:
         raise DeadNeuronError(f"cannot read {where}: {_first_line(error)}; expected {EXPECTED}") from error
     if not (isinstance(inputs, tuple) and len(inputs) == 2):
@@ -296,6 +309,7 @@ def load(path: str) -> Any:
                     raise DeadNeuronError(f"{path} says its format is {fmt[:20]!r}, not pt2; expected {EXPECTED}")
             document = _json(archive, members[f"models/{MODEL}.json"], JSON_LIMIT, path)
             check_program_json(document, path)
+            check_specs(document, path)
             _, state_dict = _payloads(archive, members, prefix, "weights", path)
             _, constants = _payloads(archive, members, prefix, "constants", path)
             example_inputs = _sample_inputs(archive, members, path)
@@ -311,38 +325,67 @@ def load(path: str) -> Any:
                 f"cannot read {path} as a torch.export archive (corrupt or truncated?): {_first_line(error)}; "
                 f"expected {EXPECTED}"
             ) from error
+    heard = _TorchExportLog()
     try:
         serialized = _dict_to_dataclass(schema.ExportedProgram, document)
-        with weights_only_loads(), _quiet_torch_export():
+        with weights_only_loads(), heard:
             program = ExportedProgramDeserializer().deserialize(serialized, state_dict, constants, example_inputs)
     except DeadNeuronError:
         raise
     except Exception as error:
-        raise DeadNeuronError(
-            f"cannot load {path} as a torch.export program: {type(error).__name__}: {_first_line(error)}; "
+        said = f"; torch.export logged: {heard.first()}" if heard.first() else ""
+        failure = DeadNeuronError(
+            f"cannot load {path} as a torch.export program: {type(error).__name__}: {_first_line(error)}{said}; "
             f"expected {EXPECTED} with this torch version ({torch.__version__})"
-        ) from error
+        )
+        if heard.records:  # all of them, in the chain of causes that --debug prints
+            logged = RuntimeError("torch.export logged:\n" + "\n".join(heard.records))
+            logged.__cause__ = error
+            raise failure from logged
+        raise failure from error
     program._guards_code = []
     check_graph(program, path)
     check_inputs_spec(program, path)
     return program
 
 
-class _quiet_torch_export:
-    """torch.export's loggers at ERROR while deserializing: their warnings would break our one-line errors."""
+class _TorchExportLog(logging.Handler):
+    """While deserializing: torch.export's log records are kept here instead of printed, so a user error stays
+    one line, and the first of them goes into that line (all of them into its chain of causes, which --debug
+    prints with the traceback)."""
 
-    def __enter__(self) -> None:
-        import logging
+    NAMES = ("torch.export", "torch._export")
 
-        names = ("torch.export", "torch._export", "torch._export.serde.serialize")
-        self.loggers = [logging.getLogger(n) for n in names]
-        self.levels = [logger.level for logger in self.loggers]
-        for logger in self.loggers:
-            logger.setLevel(logging.ERROR)
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.records.append(_first_line(Exception(record.getMessage())))
+        except Exception:  # a record whose arguments do not format: keep what it was about
+            self.records.append(str(record.msg)[:160])
+
+    def first(self) -> str:
+        return self.records[0] if self.records else ""
+
+    def __enter__(self) -> _TorchExportLog:
+        # torch's logging setup gives some of these loggers their own stderr handler and stops propagation:
+        # each one, and the two roots, writes here instead while deserializing
+        names = {*self.NAMES, *(n for n in logging.Logger.manager.loggerDict if n.startswith(self.NAMES))}
+        self.saved = []
+        for name in sorted(names):
+            logger = logging.getLogger(name)
+            if name in self.NAMES or logger.handlers or not logger.propagate:
+                self.saved.append((logger, logger.handlers[:], logger.propagate))
+                logger.handlers = [self]
+                logger.propagate = False
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        for logger, level in zip(self.loggers, self.levels, strict=True):
-            logger.setLevel(level)
+        for logger, handlers, propagate in self.saved:
+            logger.handlers = handlers
+            logger.propagate = propagate
 
 
 def _first_line(error: BaseException, limit: int = 160) -> str:
