@@ -260,3 +260,16 @@ def reference(model: nn.Module, family: str, data: list[dict[str, Any]], seed: i
 
 def token_ids(n: int, seq: int = SEQ, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, VOCAB, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def export(model: nn.Module, batch: dict[str, Any], path: Any, dynamic: bool = True) -> Any:
+    """The recipe docs/torch-scan.md gives for a `.pt2` of a transformers model, followed exactly: eval mode, no
+    KV cache (`use_cache=False`), the batch's keyword inputs as the example (with `labels` when the model should
+    compute its own loss), a dynamic batch dimension; saved with torch.export.save."""
+    model.eval()
+    model.config.use_cache = False
+    batch_dim = torch.export.Dim("batch")
+    shapes = {key: {0: batch_dim} for key in batch} if dynamic else None
+    program = torch.export.export(model, (), kwargs=dict(batch), dynamic_shapes=shapes)
+    torch.export.save(program, path)
+    return program

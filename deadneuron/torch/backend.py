@@ -35,10 +35,12 @@ from .accumulate import SiteAccumulator, collect
 from .decomposed import fold_sinerelu
 from .loading import load_model
 from .objective import Probe, batch_probe, first_output, own_loss, task_loss
+from .program_inputs import KeywordInputs, cut, embedding_rows, keyword_inputs
 from .sites import SiteWatcher, graph_sites
 from .swap import copy_model, swap_file, swap_for_scan, swap_model
 
 __all__ = ["BACKEND", "TorchRun", "prepare", "train", "with_probe"]
+
 
 def _to_tensor(value: Any, what: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
@@ -73,6 +75,8 @@ class TorchRun:
     vocabulary: int | None = None  # a model that starts with an embedding takes token ids in [0, vocabulary)
     warnings: list[str] = field(default_factory=list)
     source: Source = PLAIN
+    keywords: KeywordInputs | None = None  # a program exported with keyword inputs only
+    labels_input: bool = False  # a graph that takes `labels` as a required input (a program's own loss)
 
     @property
     def device(self) -> torch.device:
@@ -107,29 +111,20 @@ class TorchRun:
             return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
 
         x = _structure(batch.x, move)
+        if self.keywords is not None and isinstance(x, torch.Tensor):  # random inputs: the main keyword's
+            x = self.keywords.complete(x)
         y = batch.y
         if y is not None:
             y = _to_tensor(y, "a batch of labels")
             y = y.to(device=device, dtype=dtype if y.is_floating_point() else torch.long)
+            if self.labels_input and isinstance(x, dict) and "labels" not in x:
+                x = {**x, "labels": y}  # the program cannot run without them (compare, inspect)
         if leading(x) == 0:
             return
-        size = self.static_batch
-        if size is None:
+        if self.static_batch is None:
             yield Batch(x, y, batch.valid)
             return
-        if not isinstance(x, torch.Tensor):
-            raise DeadNeuronError(
-                f"the program was exported with a static batch of {size} and one tensor input; received "
-                f"{_describe(x)}; pass the inputs as one tensor"
-            )
-        for start in range(0, int(x.shape[0]), size):
-            xs = x[start : start + size]
-            ys = None if y is None else y[start : start + size]
-            valid = int(xs.shape[0])
-            if valid < size:
-                xs = torch.cat([xs, xs[:1].expand(size - valid, *xs.shape[1:])])
-                if ys is not None:
-                    ys = torch.cat([ys, ys[:1].expand(size - valid, *ys.shape[1:])])
+        for xs, ys, valid in cut(x, y, self.static_batch):
             yield Batch(xs, ys, valid)
 
     @contextmanager
@@ -166,7 +161,7 @@ class TorchRun:
         `labels=` when given; a model that refuses the batch is a user error naming the expected input."""
         try:
             if isinstance(x, dict):
-                return self.module(**x) if labels is None else self.module(**x, labels=labels)
+                return self.module(**x) if labels is None else self.module(**{**x, "labels": labels})
             if isinstance(x, (list, tuple)):
                 return self.module(*x)
             return self.module(x)
@@ -193,6 +188,15 @@ def prepare(model: Any, name: str | None, probe: Callable[[int], Probe] = batch_
         if args and isinstance(args[0], torch.Tensor):
             run.example_shape = tuple(args[0].shape[1:])
             run.example_dtype = args[0].dtype
+        run.keywords = keyword_inputs(model)
+        run.labels_input = _takes_labels(module)
+        if run.keywords is not None:
+            main = run.keywords.examples[run.keywords.main]
+            run.example_shape = run.keywords.sample_shape
+            if main.is_floating_point():
+                run.example_dtype = main.dtype
+            else:
+                run.vocabulary = embedding_rows(module, run.keywords.main)
         _static_batch(run)
         return run
     if isinstance(model, torch.jit.ScriptModule):
@@ -207,6 +211,7 @@ def prepare(model: Any, name: str | None, probe: Callable[[int], Probe] = batch_
         model = original
     run = TorchRun(model, name or type(model).__name__, probe)
     run.vocabulary = _vocabulary(model)
+    run.labels_input = isinstance(model, torch.fx.GraphModule) and _takes_labels(model)
     if isinstance(model, torch.fx.GraphModule) and any("nn_module_stack" in node.meta for node in model.graph.nodes):
         run.graph_names, run.unobserved = graph_sites(model)
         _static_batch(run)  # a program's graph module (the swap a comparison scans) keeps the program's batch
@@ -287,6 +292,8 @@ _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTra
 
 
 def _expected_input(run: TorchRun) -> str:
+    if run.keywords is not None:
+        return f"expected the keyword inputs the program was exported with: {run.keywords.describe()} per sample"
     if run.example_shape is not None:
         return f"expected samples of shape {run.example_shape} (the program's example input)"
     if run.vocabulary is not None:

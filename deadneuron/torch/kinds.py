@@ -120,8 +120,10 @@ def module_kind(module: nn.Module, kinds: dict[type[nn.Module], str]) -> str | N
 
 
 def module_kinds_by_name() -> dict[str, str]:
-    """Kinds keyed by 'module.QualName', as torch.export records classes in `nn_module_stack`."""
-    return {f"{cls.__module__}.{cls.__qualname__}": kind for cls, kind in module_kinds().items()}
+    """Kinds keyed by 'module.QualName', as torch.export records classes in `nn_module_stack`; the ecosystem's
+    classes by their names alone, so a loaded program's sites are named alike whatever this process imported."""
+    names = {f"{module}.{name}": kind for module, classes in ECOSYSTEM_KINDS.items() for name, kind in classes.items()}
+    return {**names, **{f"{cls.__module__}.{cls.__qualname__}": kind for cls, kind in module_kinds().items()}}
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,8 @@ def batch_probe(seed: int) -> Probe:
 def output_tensors(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out] if out.is_floating_point() else []
-    if isinstance(out, dict):
-        out = list(out.values())
+    if isinstance(out, dict):  # a transformers ModelOutput too; its `loss` is no output to probe or compare
+        out = [value for key, value in out.items() if key != "loss"]
     elif hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
         return [out.logits]
     if isinstance(out, (list, tuple)):
