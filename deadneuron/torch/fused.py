@@ -28,7 +28,18 @@ try:
 except ImportError:  # built without a C compiler, or a platform the build did not support
     _fused = None
 
-__all__ = ["SINES", "available", "backward", "forward", "run_backward", "run_forward", "takes", "use_sine"]
+__all__ = [
+    "SINES",
+    "available",
+    "backward",
+    "forward",
+    "new_backward",
+    "new_forward",
+    "run_backward",
+    "run_forward",
+    "takes",
+    "use_sine",
+]
 
 # The float32 loops' sine/cosine (float64 always uses libmvec): "libmvec" (glibc's vector sinf/cosf, or the libm),
 # "own-avx2" / "own-avx512" (_fused.c's own, for x86-64 with FMA: the default where the CPU has it).
@@ -60,6 +71,38 @@ def takes(x: Tensor) -> bool:
     """Whether the loops can take `x` as it is: a contiguous CPU float32/float64 tensor, outside `suspended()`."""
     # Cheap checks only: this runs on every call, small tensors included (`is_cpu`, not `device.type`).
     return _fused is not None and x.is_cpu and x.dtype in _DTYPES and x.is_contiguous() and not kernels.is_suspended()
+
+
+def new_forward(x: Tensor, k: float, form: str) -> Tensor | None:
+    """SineReLU(x) in a new tensor, or None when the loops do not take `x` (as `takes`): the whole default forward in
+    one call, since small tensors are many and each Python step costs ~0.1-1 us next to a ~2 us loop."""
+    if _fused is None or not x.is_cpu or x.dtype not in _DTYPES or not x.is_contiguous() or kernels.is_suspended():
+        return None
+    out = torch.empty_like(x)
+    n = x.numel()
+    _fused.forward(x.data_ptr(), out.data_ptr(), n, k, x.dtype == torch.float64, form == "max", _threads(n))
+    return out
+
+
+def new_backward(x: Tensor, grad: Tensor, k: float) -> Tensor | None:
+    """grad * SineReLU'(x) (piecewise form) in a new tensor, or None when the loops do not take both (as `backward`)."""
+    if (
+        _fused is None
+        or not x.is_cpu
+        or x.dtype not in _DTYPES
+        or grad.dtype != x.dtype
+        or not x.is_contiguous()
+        or not grad.is_contiguous()
+        or not grad.is_cpu
+        or kernels.is_suspended()
+    ):
+        return None
+    out = torch.empty_like(x)
+    n = x.numel()
+    _fused.backward(
+        x.data_ptr(), grad.data_ptr(), out.data_ptr(), n, k, 0.0, x.dtype == torch.float64, False, _threads(n)
+    )
+    return out
 
 
 def _threads(n: int) -> int:

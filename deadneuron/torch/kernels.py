@@ -69,6 +69,7 @@ _building: dict[tuple[torch.dtype, str], threading.Thread] = {}
 _lock = threading.Lock()
 _build_lock = threading.Lock()  # one build at a time: inductor's config patching is process-wide
 _suspended = threading.local()  # per thread: `with suspended():` runs the eager path
+_suspending = 0  # how many `suspended()` blocks are open, in all threads
 
 
 def _piecewise_value(z: Tensor, k: Tensor) -> Tensor:
@@ -210,12 +211,17 @@ def clear_kernels() -> None:
 def suspended() -> Iterator[None]:
     """Run SineReLU eagerly in this thread inside the block: neither compiled kernels nor the fused loops
     (`fused.py`) that run by default (benchmarks, comparisons)."""
+    global _suspending
     before = getattr(_suspended, "on", False)
     _suspended.on = True
+    with _lock:
+        _suspending += 1
     try:
         yield
     finally:
         _suspended.on = before
+        with _lock:
+            _suspending -= 1
 
 
 def built_any() -> bool:
@@ -224,8 +230,9 @@ def built_any() -> bool:
 
 
 def is_suspended() -> bool:
-    """Whether this thread is inside `suspended()`."""
-    return getattr(_suspended, "on", False)
+    """Whether this thread is inside `suspended()` (a global count first: the thread-local lookup costs more, and
+    this runs on every SineReLU call)."""
+    return _suspending > 0 and getattr(_suspended, "on", False)
 
 
 def _usable(src: Tensor, form: str, *others: Tensor) -> tuple[_Kernels, ...] | None:

@@ -233,10 +233,10 @@ def _backward_chunks(
 def _forward(x: Tensor, epsilon: float, form: str) -> Tensor:
     # The common case first, in the fewest Python steps (small tensors are many); compiled kernels, when asked for,
     # come first in _forward_flat.
-    if fused.takes(x) and not kernels.built_any():
-        out = torch.empty_like(x)
-        fused.run_forward(x, out, epsilon * _SQRT2, form)
-        return out
+    if not kernels.built_any():
+        out = fused.new_forward(x, epsilon * _SQRT2, form)
+        if out is not None:
+            return out
     perm = _memory_order(x)
     if perm is None:
         x = x.contiguous()
@@ -260,10 +260,9 @@ def _forward_inplace(x: Tensor, epsilon: float, form: str) -> None:
 
 
 def _backward(x: Tensor, grad: Tensor, epsilon: float, form: str) -> Tensor:
-    if form == "piecewise" and fused.takes(x) and grad.dtype == x.dtype and grad.is_contiguous():  # as _forward
-        if not kernels.built_any():
-            grad_input = torch.empty_like(x)
-            fused.run_backward(x, grad, grad_input, epsilon * _SQRT2, 0.0, form)
+    if form == "piecewise" and not kernels.built_any():  # as _forward
+        grad_input = fused.new_backward(x, grad, epsilon * _SQRT2)
+        if grad_input is not None:
             return grad_input
     perm = _memory_order(x)
     if perm is None:
