@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 
 import deadneuron  # noqa: E402
 from deadneuron import DeadNeuronError  # noqa: E402
+from deadneuron.api import swap_file  # noqa: E402
 from deadneuron.cli import main  # noqa: E402
 from deadneuron.torch.pt2 import load  # noqa: E402
 
@@ -91,6 +92,15 @@ def test_cli_random_inputs_inspect_and_compare_of_the_file(exported):
     assert zoo.activations(zoo.build(family), family)[1][0] in result.stdout
     result = run_cli("compare", str(path), "--data", str(ids))
     assert result.returncode == 0, result.stderr
+
+
+def test_a_swapped_file_keeps_the_output_class_and_loads_with_torch(exported, tmp_path):
+    family, model, path, _ = exported
+    swap_file(path, tmp_path / "swapped.pt2")
+    batch = zoo.batches(family)[0]
+    ours, theirs = load(str(tmp_path / "swapped.pt2")), torch.export.load(tmp_path / "swapped.pt2")
+    out = theirs.module()(**batch)
+    assert type(out) is type(ours.module()(**batch)) is type(model(**batch))
 
 
 def test_a_static_batch_program_of_keyword_inputs_is_cut_into_its_batches(tmp_path):
