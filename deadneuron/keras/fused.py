@@ -5,8 +5,8 @@ kernels forward and six backward, each a full memory pass, and TensorFlow's own 
 element here (ReLU: fused into the convolution, its gradient one pass). Compiling the whole model with XLA does not
 help: XLA's CPU `sin` is slower still (~10 ns per element). So each direction here is a small `tf.function` with
 `jit_compile=True` that the surrounding (non-XLA) graph calls like one op: XLA fuses the branch test, the select and
-a sine/cosine written as plain arithmetic (Cody-Waite reduction by pi/2, polynomials on [-pi/4, pi/4] fitted for
-this module) into one vectorized loop, ~3x faster than the plain ops (docs/benchmarks.md, issue 15).
+a sine written as plain arithmetic (Cody-Waite reduction by pi, an odd polynomial on [-pi/2, pi/2] fitted for this
+module) into one vectorized loop, ~3x faster than the plain ops (docs/benchmarks.md, issue 15).
 
 Scope: float32, piecewise form, graph mode (Keras's train/predict functions, a user's `tf.function`), tensors of at
 least `MIN_ELEMENTS` elements; `usable()` also requires a TensorFlow built with XLA and, when a GPU is visible, a
@@ -14,8 +14,8 @@ CUDA or ROCm build (XLA's GPU backend). Everything else runs the plain TensorFlo
 each direction once per distinct element count (tensors are flattened, so layers of equal size share it), ~50-100 ms
 each, at the first call with that size.
 
-Values: the argument is reduced exactly as z - (q + 1/2)*pi/2 (no rounding of z - pi/4 first), so the result is
-within ~1e-7 of float64's sin/cos on |z| <= 30, closer than `tf.sin(z - pi/4)`; for |z| above ~1e5 the reduction
+Values: the argument is reduced as z - (m ± 1/4)*pi (no rounding of z ± pi/4 first), so the result is within
+~1.2e-7 of float64's sin/cos on |z| <= 30, closer than `tf.sin(z - pi/4)` (6e-7); for |z| above ~5e4 the reduction
 loses bits as float32 itself does, and the result stays within eps*sqrt(2) (the reduced argument is clamped).
 """
 
@@ -41,36 +41,29 @@ def _split(value: float, bits: int) -> float:
     return math.ldexp(round(mantissa * 2**bits), exponent - bits)
 
 
-# pi/2 = P1 + P2 + P3: P1 and P2 short (exact products with q for |q| < 2^16 and 2^12), P3 the float32 rest.
-_HALF_PI = math.pi / 2
-_P1 = _split(_HALF_PI, 8)
-_P2 = _split(_HALF_PI - _P1, 12)
-_P3 = _HALF_PI - _P1 - _P2
+# pi = P1 + P2 + P3: P1 and P2 short (exact products with the quarter-integers k below for |k| < 2^14 and 2^10), P3
+# the float32 rest.
+_P1 = _split(math.pi, 8)
+_P2 = _split(math.pi - _P1, 12)
+_P3 = math.pi - _P1 - _P2
 
-# Least-squares fits on 4,000 Chebyshev nodes of [0, pi/4] (float64, rounded to float32):
-# sin r = r + r*t*(S1 + t*(S2 + t*S3)), cos r = 1 + t*(C1 + t*(C2 + t*(C3 + t*C4))), t = r*r; both within 3e-9.
-_S = (-0.16666655242443085, 0.008332204073667526, -0.00019520212663337588)
-_C = (-0.5, 0.04166662320494652, -0.0013886808883398771, 2.4394103093072772e-05)
+# A least-squares fit on 4,000 Chebyshev nodes of [0, pi/2] (float64, then rounded to float32):
+# sin r = r + r*t*(S1 + t*(S2 + t*(S3 + t*S4))), t = r*r, within 2.1e-8.
+_S = (-0.16666661202907562, 0.008333097212016582, -0.00019811726815532893, 2.6101802177436184e-06)
 
 
-def _shifted_sin_cos(tf: Any, z: Any, want: str) -> Any:
-    """sin(z - pi/4) (`want="sin"`) or cos(z - pi/4) (`want="cos"`) as elementwise arithmetic (XLA fuses it)."""
-    # z - pi/4 = r + q*pi/2 with q an integer and |r| <= pi/4, so r = z - (q + 1/2)*pi/2.
-    q = tf.round(z * (2 / math.pi) - 0.5)
-    k = q + 0.5
+def _sin_shifted(tf: Any, z: Any, quarter: float) -> Any:
+    """sin(z + quarter*pi/4) for quarter = -1 (sin(z - pi/4), forward) or +1 (= cos(z - pi/4), backward), as
+    elementwise arithmetic that XLA fuses into one loop."""
+    # z + quarter*pi/4 = r + m*pi, m an integer, |r| <= pi/2, so r = z - (m - quarter/4)*pi, reduced in three parts.
+    m = tf.round(z * (1 / math.pi) + quarter * 0.25)
+    k = m - quarter * 0.25
     r = ((z - k * _P1) - k * _P2) - k * _P3
-    r = tf.clip_by_value(r, -math.pi / 4, math.pi / 4)  # only huge |z| get past pi/4: keeps |result| <= 1
+    r = tf.clip_by_value(r, -math.pi / 2, math.pi / 2)  # only huge |z| get past pi/2: keeps |result| <= 1
     t = r * r
-    sin_r = r + r * t * (_S[0] + t * (_S[1] + t * _S[2]))
-    cos_r = 1.0 + t * (_C[0] + t * (_C[1] + t * (_C[2] + t * _C[3])))
-    quadrant = q - 4.0 * tf.floor(q * 0.25)  # q mod 4, in 0..3
-    odd = tf.equal(quadrant, 1.0) | tf.equal(quadrant, 3.0)
-    if want == "sin":  # sin(r + q*pi/2): sin r, cos r, -sin r, -cos r
-        value = tf.where(odd, cos_r, sin_r)
-        return tf.where(quadrant >= 2.0, -value, value)
-    # cos(r + q*pi/2): cos r, -sin r, -cos r, sin r
-    value = tf.where(odd, sin_r, cos_r)
-    return tf.where(tf.equal(quadrant, 1.0) | tf.equal(quadrant, 2.0), -value, value)
+    sin_r = r + r * t * (_S[0] + t * (_S[1] + t * (_S[2] + t * _S[3])))
+    odd = m - 2.0 * tf.floor(m * 0.5)  # sin(r + m*pi) = (-1)^m sin r
+    return tf.where(odd > 0.5, -sin_r, sin_r)
 
 
 @functools.cache
@@ -83,11 +76,11 @@ def _loops() -> tuple[Any, Any]:
 
     @tf.function(jit_compile=True, autograph=False, input_signature=[vector, scalar])
     def sinerelu_forward(z: Any, scale: Any) -> Any:
-        return tf.where(z > 0, z, _shifted_sin_cos(tf, z, "sin") * scale)
+        return tf.where(z > 0, z, _sin_shifted(tf, z, -1.0) * scale)
 
     @tf.function(jit_compile=True, autograph=False, input_signature=[vector, vector, scalar])
     def sinerelu_backward(z: Any, upstream: Any, scale: Any) -> Any:
-        return tf.where(z <= 0, upstream * (_shifted_sin_cos(tf, z, "cos") * scale), upstream)
+        return tf.where(z <= 0, upstream * (_sin_shifted(tf, z, 1.0) * scale), upstream)
 
     return sinerelu_forward, sinerelu_backward
 
