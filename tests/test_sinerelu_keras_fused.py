@@ -65,6 +65,17 @@ def test_graphs_take_the_fused_loops_where_they_apply(
     assert len(calls) == (2 if fused_expected else 0), calls  # forward and backward, or neither
 
 
+def test_turned_off_graphs_take_the_plain_ops() -> None:
+    spec = tf.TensorSpec((fused.MIN_ELEMENTS,), tf.float32)
+    fused.set_enabled(False)
+    try:
+        assert not fused.enabled()
+        assert fused_calls(called_functions(spec)) == []
+    finally:
+        fused.set_enabled(True)
+    assert len(fused_calls(called_functions(spec))) == 2
+
+
 def test_eager_calls_take_the_plain_ops() -> None:
     z = tf.random.normal([1 << 19])  # above sinerelu.GRAPH_MIN_ELEMENTS: runs a graph, without XLA
     assert not fused.applies(z, "piecewise")

@@ -25,7 +25,7 @@ import functools
 import math
 from typing import Any
 
-__all__ = ["MIN_ELEMENTS", "applies", "backward", "forward", "usable"]
+__all__ = ["MIN_ELEMENTS", "applies", "backward", "enabled", "forward", "set_enabled", "usable"]
 
 # Below this many elements the plain ops win: an XLA call costs ~15 us of CPU (~40 us wall on a busy machine) where
 # the plain forward+backward at 3,840 elements costs ~26 us; from ~50K elements the fused loops are ~2x-3x faster.
@@ -97,11 +97,34 @@ def usable() -> bool:
     return True
 
 
+_enabled = [True]
+
+
+def set_enabled(flag: bool) -> None:
+    """Turn the fused loops on (default) or off for graphs traced from now on (traced ones keep what they have).
+
+    Off, every SineReLU runs the plain ops: for a program that must not compile at run time, e.g. one that serves
+    many different batch sizes, where each new size would compile the loops once.
+    """
+    _enabled[0] = bool(flag)
+
+
+def enabled() -> bool:
+    return _enabled[0]
+
+
 def applies(z: Any, form: str) -> bool:
-    """Whether `z` takes the fused loops: graph mode, float32, the piecewise form, large enough, and `usable()`."""
+    """Whether `z` takes the fused loops: enabled, graph mode, float32, the piecewise form, large enough, and
+    `usable()`."""
     import tensorflow as tf
 
-    if form != "piecewise" or z.dtype != tf.float32 or tf.executing_eagerly() or z.shape.rank is None:
+    if (
+        not _enabled[0]
+        or form != "piecewise"
+        or z.dtype != tf.float32
+        or tf.executing_eagerly()
+        or z.shape.rank is None
+    ):
         return False
     elements = math.prod(UNKNOWN_DIMENSION if size is None else size for size in z.shape.as_list())
     return elements >= MIN_ELEMENTS and usable()
