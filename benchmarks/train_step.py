@@ -9,8 +9,9 @@ with no other setting: what a user gets by default.
 - PyTorch: eager `loss.backward(); optimizer.step()`. Columns: ReLU, SineReLU by default (the fused loops when the
   install built them, `deadneuron/torch/fused.py`), and the eager fallback (`kernels.suspended()`) for reference.
 - Keras (TensorFlow backend, in a child process): `model.train_on_batch` after `model.compile(...)` with Keras's
-  default `jit_compile="auto"` (Keras turns XLA off on a CPU-only machine: the step is a TF graph without XLA), and
-  the same models compiled with `jit_compile=True` (XLA) as a second pair.
+  default `jit_compile="auto"` (Keras turns XLA off on a CPU-only machine: the step is a TF graph without XLA, in
+  which SineReLU's conv activations run its own small XLA-compiled loops, `deadneuron/keras/fused.py`), and the
+  same models compiled with `jit_compile=True` (XLA) as a second pair.
 
 Steps run interleaved, one step of each variant per round, after warm-up. Per round the SineReLU step is divided by
 the ReLU step of the same round; the table shows the median of those paired ratios and their interquartile range
