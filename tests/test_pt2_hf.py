@@ -103,6 +103,17 @@ def test_a_swapped_file_keeps_the_output_class_and_loads_with_torch(exported, tm
     assert type(out) is type(ours.module()(**batch)) is type(model(**batch))
 
 
+def test_data_may_leave_out_keywords_that_follow_their_example(exported):
+    # the token ids alone: the attention mask of ones is filled in, as transformers does; BERT's labels too
+    family, model, path, _ = exported
+    ids = torch.cat([batch["input_ids"] for batch in zoo.batches(family)])
+    from_file = deadneuron.scan(load(str(path)), ids, batch_size=8, loss="probe")
+    eager = deadneuron.scan(model, ids, batch_size=8, loss="probe")
+    assert from_file.samples == eager.samples == len(ids)
+    for a, b in zip(from_file.layers, eager.layers, strict=True):
+        assert (a.dead_units, a.dormant_units, a.grad_dead_units) == (b.dead_units, b.dormant_units, b.grad_dead_units)
+
+
 def test_a_static_batch_program_of_keyword_inputs_is_cut_into_its_batches(tmp_path):
     model = zoo.build("opt")
     data = zoo.batches("opt", n=12, batch_size=4)

@@ -111,14 +111,14 @@ class TorchRun:
             return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
 
         x = _structure(batch.x, move)
-        if self.keywords is not None and isinstance(x, torch.Tensor):  # random inputs: the main keyword's
-            x = self.keywords.complete(x)
         y = batch.y
         if y is not None:
             y = _to_tensor(y, "a batch of labels")
             y = y.to(device=device, dtype=dtype if y.is_floating_point() else torch.long)
             if self.labels_input and isinstance(x, dict) and "labels" not in x:
                 x = {**x, "labels": y}  # the program cannot run without them (compare, inspect)
+        if self.keywords is not None and isinstance(x, (torch.Tensor, dict)):
+            x = self.keywords.complete(x)  # one tensor is the main keyword; missing keywords follow the example
         if leading(x) == 0:
             return
         if self.static_batch is None:

@@ -3,9 +3,10 @@
 
 A program's graph module takes exactly the keywords it was exported with. Random inputs (`--samples N`, `inspect`)
 follow the example: the main input (the first keyword) is drawn like any model's input (token ids in
-`[0, vocabulary)` when it feeds an embedding, whose rows give the vocabulary), and every other keyword follows its
-example tensor: a constant one (an attention mask of ones, token types of zeros) stays that constant, an integer
-one (labels) is drawn uniformly between its example's smallest and largest value, a floating one from N(0, 1).
+`[0, vocabulary)` when it feeds an embedding, whose rows give the vocabulary). Every other keyword, and any keyword
+a batch of data lacks, follows its example tensor: a constant one (an attention mask of ones, token types of zeros)
+stays that constant, an integer one (labels) is drawn uniformly between its example's smallest and largest value,
+a floating one from N(0, 1).
 """
 
 from __future__ import annotations
@@ -34,24 +35,30 @@ class KeywordInputs:
             f"{key} {tuple(t.shape[1:])} {str(t.dtype).removeprefix('torch.')}" for key, t in self.examples.items()
         )
 
-    def complete(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The keyword batch whose main input is `x` (random inputs); the others follow their examples."""
-        n = int(x.shape[0])
-        batch = {self.main: x.to(self.examples[self.main].dtype)}
+    def complete(self, x: Any) -> Any:
+        """The keyword batch of `x`: a tensor is the main input (random inputs, or one array of data); a dict
+        gets the keywords it lacks, each following its example (as transformers fills a missing attention mask
+        with ones). A dict without the main input is left as it is, for the program to name what it expects."""
+        given = {self.main: x.to(self.examples[self.main].dtype)} if isinstance(x, torch.Tensor) else dict(x)
+        if self.main not in given:
+            return given
+        main = given[self.main]
+        n = int(main.shape[0])
         for key, example in self.examples.items():
-            if key == self.main:
+            if key in given:
                 continue
             shape = (n, *example.shape[1:])
             if example.numel() == 0:
-                batch[key] = example.new_zeros(shape)
+                value = example.new_zeros(shape)
             elif bool((example == example.flatten()[0]).all()):
-                batch[key] = example.new_full(shape, example.flatten()[0].item())
+                value = example.new_full(shape, example.flatten()[0].item())
             elif example.is_floating_point():
-                batch[key] = torch.randn(shape, generator=self.generator).to(example.dtype)
+                value = torch.randn(shape, generator=self.generator).to(example.dtype)
             else:
                 low, high = int(example.min()), int(example.max())
-                batch[key] = torch.randint(low, high + 1, shape, generator=self.generator).to(example.dtype)
-        return {key: value.to(x.device) for key, value in batch.items()}
+                value = torch.randint(low, high + 1, shape, generator=self.generator).to(example.dtype)
+            given[key] = value.to(main.device)
+        return given
 
 
 def keyword_inputs(program: Any) -> KeywordInputs | None:
