@@ -152,10 +152,10 @@ def test_only_model_output_classes_of_transformers_are_admitted(exported, tmp_pa
         load(str(crafted))
 
 
-def test_names_outside_transformers_model_outputs_are_refused_before_any_import(exported, tmp_path):
+def test_names_outside_transformers_model_outputs_are_refused_before_any_import(tmp_path):
     # In a fresh process: refused, and the module the name points into was not imported.
-    _, _, path, _ = exported
-    crafted = _edit_output_type(path, tmp_path / "crafted.pt2", "transformers.commands.serving.ServeCommand")
+    good = corpus.good_pt2(tmp_path)
+    crafted = _edit_output_type(good, tmp_path / "crafted.pt2", "transformers.commands.serving.ServeCommand")
     code = (
         "import sys\nfrom deadneuron.cli import main\n"
         f"code = main(['scan', {str(crafted)!r}, '--samples', '4'])\n"
