@@ -114,6 +114,29 @@ def test_data_may_leave_out_keywords_that_follow_their_example(exported):
         assert (a.dead_units, a.dormant_units, a.grad_dead_units) == (b.dead_units, b.dormant_units, b.grad_dead_units)
 
 
+def test_gpt2_exported_with_its_tanh_gelu_as_one_op_is_observed(tmp_path):
+    # gelu_new is written out in primitive ops by torch.export (not observed); the documented workaround keeps
+    # the formula as one torch op, and the forced units are found as the hook reference finds them
+    from transformers.activations import ACT2FN
+
+    model = zoo.build("gpt2")
+    data = zoo.batches("gpt2")
+    zoo.export(model, data[0], tmp_path / "decomposed.pt2")
+    assert [layer.name for layer in deadneuron.scan(load(str(tmp_path / "decomposed.pt2")), data).layers] == []
+    for block in model.transformer.h:
+        block.mlp.act = ACT2FN["gelu_pytorch_tanh"]
+    zoo.export(model, data[0], tmp_path / "gpt2.pt2")
+    report = deadneuron.scan(load(str(tmp_path / "gpt2.pt2")), data)
+    expected = zoo.reference(model, "gpt2", data)
+    assert [layer.name for layer in report.layers] == [name for name, _ in zoo.activations(model, "gpt2")]
+    for layer, want in zip(report.layers, expected, strict=True):
+        assert (set(layer.dead_units), set(layer.dormant_units), set(layer.grad_dead_units)) == (
+            want["dead"],
+            want["dormant"],
+            want["grad_dead"],
+        )
+
+
 def test_a_static_batch_program_of_keyword_inputs_is_cut_into_its_batches(tmp_path):
     model = zoo.build("opt")
     data = zoo.batches("opt", n=12, batch_size=4)
