@@ -403,3 +403,85 @@ def test_torch_backend_live_models_in_a_fresh_process(tmp_path):
 def test_backend_load_model_refuses_arch(saved):
     with pytest.raises(DeadNeuronError, match="drop --arch"):
         backend.BACKEND.load_model(str(saved / "cnn.keras"), arch="x.py:Net")
+
+
+# ------------------------------------------------------------------------------------------- tracing the step
+
+
+class CountingModel(keras.Model):
+    """A subclassed model whose `call` runs once per eager call and once per trace: it counts the scan's traces.
+    `by_batch` reshapes with the static batch size, which a trace for any batch size cannot know."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = keras.layers.Dense(8, activation="relu")
+        self.extra = keras.layers.ReLU(name="only_once")
+        self.head = keras.layers.Dense(3)
+        self.calls = 0
+        self.by_batch = False
+        self.extra_in_discovery = False
+
+    def call(self, x):
+        self.calls += 1
+        h = self.hidden(x)
+        if self.by_batch:
+            h = keras.ops.reshape(h, (x.shape[0], -1))
+        if self.extra_in_discovery and x.shape[0] == 2:  # only in the eager discovery pass on two samples
+            h = self.extra(h)
+        return self.head(h)
+
+
+def _counting(seed: int = 0) -> tuple[CountingModel, np.ndarray]:
+    keras.utils.set_random_seed(seed)
+    model = CountingModel()
+    x = np.random.default_rng(seed).standard_normal((40, 5)).astype("float32")
+    model(x[:2])
+    return model, x
+
+
+def _same_stats(a: deadneuron.Report, b: deadneuron.Report) -> None:
+    assert [layer.name for layer in a.layers] == [layer.name for layer in b.layers]
+    for x, y in zip(a.layers, b.layers, strict=True):
+        assert (x.stats.samples, x.stats.grad_samples) == (y.stats.samples, y.stats.grad_samples)
+        for field in ("fired", "positive", "grad_nonzero", "nonfinite"):
+            np.testing.assert_array_equal(getattr(x.stats, field), getattr(y.stats, field))
+        for field in ("max_abs", "inactive_sum", "grad_abs_sum"):
+            np.testing.assert_allclose(getattr(x.stats, field), getattr(y.stats, field), rtol=1e-5, atol=1e-6)
+
+
+def test_a_last_smaller_batch_reuses_the_traced_step():
+    """One trace serves every batch size: batches of 16, 16 and 8 call the model twice (the eager discovery pass
+    and one trace); a retrace for the last batch would cost a deep model several batches' time."""
+    model, x = _counting()
+    y = np.random.default_rng(1).standard_normal((len(x), 3)).astype("float32")
+    model.calls = 0
+    report = deadneuron.scan(model, (x, y), batch_size=16)
+    assert model.calls == 2
+    _same_stats(report, deadneuron.scan(model, (x, y), batch_size=40))
+
+
+def test_a_model_that_needs_its_batch_size_to_trace_is_traced_per_batch_size():
+    model, x = _counting()
+    y = np.random.default_rng(1).standard_normal((len(x), 3)).astype("float32")
+    plain = deadneuron.scan(model, (x, y), batch_size=16)
+    model.by_batch = True
+    model.calls = 0
+    report = deadneuron.scan(model, (x, y), batch_size=16)
+    assert model.calls == 4  # discovery, the trace for any batch size that failed, then batches of 16 and of 8
+    _same_stats(report, plain)
+
+
+def test_a_site_seen_only_by_the_discovery_pass_adds_no_samples():
+    """The step adds every site it recorded, in one update: a site that did not run in a batch adds nothing, and
+    the others are counted as if it did not exist."""
+    model, x = _counting()
+    plain = deadneuron.scan(model, x, batch_size=16)
+    model.extra_in_discovery = True
+    report = deadneuron.scan(model, x, batch_size=16)
+    first, extra = report.layers
+    assert (first.name, extra.name) == (plain.layers[0].name, "only_once")
+    assert extra.stats.samples == extra.stats.grad_samples == 0 and not extra.stats.fired.any()
+    plain_first = plain.layers[0].stats
+    assert first.stats.samples == first.stats.grad_samples == len(x)
+    for field in ("fired", "positive", "grad_nonzero", "max_abs", "inactive_sum"):
+        np.testing.assert_array_equal(getattr(first.stats, field), getattr(plain_first, field))

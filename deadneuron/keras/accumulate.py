@@ -1,51 +1,53 @@
 """Per-site statistics kept on the model's device as Keras variables, reduced with `keras.ops`.
 
-One `SiteAccumulator` per site holds the fields of `stats.FIELDS` and the sample counters. `update` reduces one
-batch's pre-activation, output and gradient to per-unit numbers and adds them in place, so no activation is kept and
-nothing goes to the host until `to_stats()`, once per report. The same code runs inside a `tf.function` (TensorFlow
-backend) and eagerly under `torch.no_grad` (torch backend).
+`Accumulators` holds the statistics of every site of a scan in four variables (the per-unit sums of `stats.FIELDS`
+as one matrix, `max_abs`, and the two sample counters, one entry per site); each `SiteAccumulator` is one site's
+columns and entries. `update` reduces one batch's pre-activations, outputs and gradients to per-unit numbers and
+adds them in place, so no activation is kept and nothing goes to the host until `collect`, once per report (one
+transfer per variable). The same code runs inside a `tf.function` (TensorFlow backend) and eagerly under
+`torch.no_grad` (torch backend).
 
-Cost: the reductions are memory-bound, so `update` makes few passes over the full activation. The positions of each
+Cost: the reductions are memory-bound, so a site makes few passes over its full activation. The positions of each
 (sample, unit) are reduced first (the fraction of positions firing, max |a|, max z, max |g|, sum |g|); everything
 else is computed on those (samples, units) summaries. A NaN or an Inf in a (sample, unit) makes that max |a|
 non-finite, which is how non-finite outputs are counted (max propagates NaN on both backends); such a sample adds
 nothing to `max_abs`. |Inf| > atol counts as firing and a NaN as not firing: such units are `nonfinite`, never dead.
+Every site's per-unit results are joined and added to the variables once per batch: a traced step then holds a
+few operations per site instead of a read, an add and a write of five variables per site, which is what made
+tracing a step of a deep model (ResNet50: 49 sites) slow.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import keras
 import numpy as np
 from keras import ops
 
-from ..core.stats import FIELDS, GRADIENT_FIELDS, SiteStats
+from ..core.stats import FIELDS, SiteStats
 from ..report import SiteInfo
 
-# Rows of the forward and gradient sum variables, in `stats.FIELDS` order; the max fields (`max_abs`) are variables of
-# their own. Sums of 0/1 per batch are exact in float32 below 2**24 samples.
-_FORWARD_ROWS = tuple(n for n, (_, how) in FIELDS.items() if how == "sum" and n not in GRADIENT_FIELDS)
-_GRAD_ROWS = tuple(n for n, (_, how) in FIELDS.items() if how == "sum" and n in GRADIENT_FIELDS)
+# Rows of the sums matrix: the counts (0/1 per sample, summed; exact in float32 below 2**24 samples per batch), then
+# the two float sums. Every "sum" field of `stats.FIELDS` is one row; `max_abs` is a variable of its own.
+_COUNT_ROWS = ("fired", "positive", "nonfinite", "grad_nonzero")
+_ROWS = (*_COUNT_ROWS, "inactive_sum", "grad_abs_sum")
+assert sorted(_ROWS) == sorted(n for n, (_, how) in FIELDS.items() if how == "sum")
+
+Record = tuple[str, Any, Any, Any]  # (site name, pre-activation, output, dL/d(pre-activation) or None)
 
 
 class SiteAccumulator:
-    def __init__(self, info: SiteInfo, rank: int, positions: int) -> None:
+    """One site: its shape facts, its columns [start, stop) of the shared variables and its counter entry."""
+
+    def __init__(self, info: SiteInfo, rank: int, positions: int, start: int, index: int) -> None:
         self.info = info
         self.rank = rank
         self.positions = positions
+        self.start, self.stop, self.index = start, start + info.units, index
         # every axis but the batch (0) and the unit axis: reducing them leaves (samples, units)
         self.position_axes = tuple(i for i in range(1, rank) if i != info.unit_axis)
-        units = info.units
-
-        def variable(shape: tuple[int, ...], dtype: str, name: str) -> Any:
-            return keras.Variable(np.zeros(shape, dtype), trainable=False, name=f"deadneuron_{name}")
-
-        self.forward = variable((len(_FORWARD_ROWS), units), "float64", "forward")
-        self.gradient = variable((len(_GRAD_ROWS), units), "float64", "gradient")
-        self.max_abs = variable((units,), "float64", "max_abs")
-        self.samples = variable((), "int64", "samples")
-        self.grad_samples = variable((), "int64", "grad_samples")
 
     def _per_sample(self, t: Any, how: str) -> Any:
         """(samples, units) summary of a full activation-shaped tensor over its positions."""
@@ -54,7 +56,9 @@ class SiteAccumulator:
         reduce = {"max": ops.max, "mean": ops.mean, "sum": ops.sum}[how]
         return reduce(t, axis=self.position_axes)
 
-    def update(self, z: Any, a: Any, g: Any, atol: float, gtol: float) -> None:
+    def reduce(self, z: Any, a: Any, g: Any, atol: float, gtol: float) -> tuple[Any, Any, Any, Any]:
+        """One batch as per-unit numbers: the count rows (4, units), the float sums (2, units), the largest finite
+        |a| (units,), and the batch's sample count."""
         z, a = _as_rank(z, self.rank), _as_rank(a, self.rank)
         magnitude = ops.abs(ops.cast(a, "float32"))
         active = self._per_sample(ops.cast(magnitude > atol, "float32"), "mean")  # fraction of positions firing
@@ -62,42 +66,89 @@ class SiteAccumulator:
         finite = ops.isfinite(largest)
         top = self._per_sample(ops.cast(z, "float32"), "max")
         batch = ops.shape(a)[0]
-        forward = {
-            "fired": ops.sum(ops.cast(active > 0, "float32"), axis=0),
-            "positive": ops.sum(ops.cast(top > 0, "float32"), axis=0),
-            "nonfinite": ops.sum(ops.cast(ops.logical_not(finite), "float32"), axis=0),
-            "inactive_sum": ops.cast(batch, "float32") - ops.sum(active, axis=0),  # sum of the fractions at zero
-        }
-        self.forward.assign_add(ops.cast(ops.stack([forward[name] for name in _FORWARD_ROWS]), "float64"))
-        largest = ops.max(ops.where(finite, largest, 0.0), axis=0)
-        self.max_abs.assign(ops.maximum(self.max_abs, ops.cast(largest, "float64")))
-        self.samples.assign_add(ops.cast(batch, "int64"))
+        flags = [active > 0, top > 0, ops.logical_not(finite)]
         if g is None:
-            return
-        g = ops.abs(ops.cast(_as_rank(g, self.rank), "float32"))
-        gradient = {
-            "grad_nonzero": ops.sum(ops.cast(self._per_sample(g, "max") > gtol, "float32"), axis=0),
-            "grad_abs_sum": ops.sum(self._per_sample(g, "sum"), axis=0),
-        }
-        self.gradient.assign_add(ops.cast(ops.stack([gradient[name] for name in _GRAD_ROWS]), "float64"))
-        self.grad_samples.assign_add(ops.cast(batch, "int64"))
+            grad_abs = ops.zeros((self.info.units,), "float32")
+        else:
+            g = ops.abs(ops.cast(_as_rank(g, self.rank), "float32"))
+            flags.append(self._per_sample(g, "max") > gtol)
+            grad_abs = ops.sum(self._per_sample(g, "sum"), axis=0)
+        counts = ops.sum(ops.cast(ops.stack(flags), "float32"), axis=1)
+        if g is None:
+            counts = ops.concatenate([counts, ops.zeros((1, self.info.units), "float32")])
+        inactive = ops.cast(batch, "float32") - ops.sum(active, axis=0)  # sum of the fractions at zero
+        largest = ops.max(ops.where(finite, largest, 0.0), axis=0)
+        return counts, ops.stack([inactive, grad_abs]), largest, batch
 
-    def to_stats(self) -> SiteStats:
-        forward = _host(self.forward)
-        gradient = _host(self.gradient)
-        arrays = {name: forward[i] for i, name in enumerate(_FORWARD_ROWS)}
-        arrays.update({name: gradient[i] for i, name in enumerate(_GRAD_ROWS)})
+    def stats(self, host: dict[str, np.ndarray]) -> SiteStats:
+        """This site's `SiteStats` from the variables' host values (`Accumulators.host`)."""
+        columns = slice(self.start, self.stop)
+        arrays = {name: host["sums"][row, columns] for row, name in enumerate(_ROWS)}
         for name, (dtype, _) in FIELDS.items():
             if dtype == "int64" and name in arrays:  # counts summed in floating point: exact, made integers again
                 arrays[name] = np.rint(arrays[name]).astype(np.int64)
         return SiteStats(
             units=self.info.units,
-            samples=int(_host(self.samples)),
-            grad_samples=int(_host(self.grad_samples)),
+            samples=int(host["samples"][self.index]),
+            grad_samples=int(host["grad_samples"][self.index]),
             positions=self.positions,
-            max_abs=_host(self.max_abs),
+            max_abs=host["max_abs"][columns].copy(),
             **arrays,
         )
+
+
+class Accumulators:
+    """The statistics of every site of one scan, in order of first execution."""
+
+    def __init__(self, sites: Sequence[tuple[SiteInfo, int, int]]) -> None:
+        self.by_name: dict[str, SiteAccumulator] = {}
+        start = 0
+        for index, (info, rank, positions) in enumerate(sites):
+            self.by_name[info.name] = SiteAccumulator(info, rank, positions, start, index)
+            start += info.units
+
+        def variable(shape: tuple[int, ...], dtype: str, name: str) -> Any:
+            return keras.Variable(np.zeros(shape, dtype), trainable=False, name=f"deadneuron_{name}")
+
+        self.sums = variable((len(_ROWS), start), "float64", "sums")
+        self.max_abs = variable((start,), "float64", "max_abs")
+        self.samples = variable((len(sites),), "int64", "samples")
+        self.grad_samples = variable((len(sites),), "int64", "grad_samples")
+
+    def update(self, records: Sequence[Record], atol: float, gtol: float) -> None:
+        """Add one batch: every recorded site that is watched; a site that did not run adds nothing."""
+        reduced = {
+            name: (g is not None, self.by_name[name].reduce(z, a, g, atol, gtol))
+            for name, z, a, g in records
+            if name in self.by_name
+        }
+        if not reduced:
+            return
+        counts, sums, largest, batches, graded = [], [], [], [], []
+        for name, site in self.by_name.items():
+            if name in reduced:
+                has_grad, (count, total, high, batch) = reduced[name]
+            else:
+                has_grad, units = False, site.info.units
+                count, total = ops.zeros((len(_COUNT_ROWS), units)), ops.zeros((2, units))
+                high, batch = ops.zeros((units,)), 0
+            counts.append(count)
+            sums.append(total)
+            largest.append(high)
+            batches.append(ops.cast(batch, "int64"))
+            graded.append(batches[-1] if has_grad else ops.cast(0, "int64"))
+        table = ops.concatenate([ops.concatenate(counts, axis=1), ops.concatenate(sums, axis=1)], axis=0)
+        self.sums.assign_add(ops.cast(table, "float64"))
+        self.max_abs.assign(ops.maximum(self.max_abs, ops.cast(ops.concatenate(largest), "float64")))
+        self.samples.assign_add(ops.stack(batches))
+        self.grad_samples.assign_add(ops.stack(graded))
+
+    def sites(self) -> list[SiteAccumulator]:
+        return list(self.by_name.values())
+
+    def host(self) -> dict[str, np.ndarray]:
+        """Every variable as a numpy array, one transfer each."""
+        return {name: _host(getattr(self, name)) for name in ("sums", "max_abs", "samples", "grad_samples")}
 
 
 def _host(variable: Any) -> np.ndarray:

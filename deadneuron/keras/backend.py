@@ -30,7 +30,7 @@ from ..core.plan import Batch, Shape
 from ..core.stats import SiteStats
 from ..errors import DeadNeuronError
 from ..report import SiteInfo
-from .accumulate import SiteAccumulator
+from .accumulate import Accumulators, SiteAccumulator
 from .feed import SOURCE, check_shapes, sample_shapes
 from .loading import load_model
 from .sites import Recorder, Watch, output_activation, survey
@@ -215,12 +215,36 @@ def _tensorflow_step(watch: KerasWatch) -> Callable[[Any, Any], None]:
                 loss = loss_value(kind, outputs, y, recorder.logits, generator)
             sources = [record[1] for record in recorder.records]
             grads = tape.gradient(loss, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        for (name, z, a, _), g in zip(recorder.records, grads, strict=True):
-            if name in accumulators:
-                accumulators[name].update(z, a, g, atol, gtol)
+        records = [(name, z, a, g) for (name, z, a, _), g in zip(recorder.records, grads, strict=True)]
+        accumulators.update(records, atol, gtol)
         recorder.clear()  # the records are graph tensors of this trace: never keep them
 
-    return tf.function(step, reduce_retracing=True)
+    # No autograph: the step has no tensor-dependent Python control flow, and Keras layers are called unconverted
+    # anyway; converting this code and the reductions only made tracing slower.
+    traced = tf.function(step, autograph=False)
+
+    def any_batch(t: Any) -> Any:
+        if isinstance(t, tf.Tensor) and t.shape.rank:
+            return tf.TensorSpec((None, *t.shape[1:]), t.dtype)
+        return t
+
+    traced_once = False
+
+    def run(x: Any, y: Any) -> None:
+        # Trace once for any batch size: a last, smaller batch then reuses the step (a retrace of a deep model costs
+        # several batches). A model that needs its batch size while tracing (`x.shape[0]` in a reshape) is traced
+        # anew for each batch size it gets, by a fresh function that has not seen the failed trace.
+        nonlocal traced, traced_once
+        if not traced_once:
+            traced_once = True
+            try:
+                traced.get_concrete_function(*tf.nest.map_structure(any_batch, (x, y)))
+            except Exception:
+                recorder.clear()
+                traced = tf.function(step, autograph=False)
+        traced(x, y)
+
+    return run
 
 
 def _torch_step(watch: KerasWatch) -> Callable[[Any, Any], None]:
@@ -250,9 +274,11 @@ def _torch_step(watch: KerasWatch) -> Callable[[Any, Any], None]:
                     found = torch.autograd.grad(loss, sources, allow_unused=True)
                 grads = [torch.zeros_like(z) if g is None else g for z, g in zip(sources, found, strict=True)]
             with torch.no_grad():
-                for (name, z, a, _), g in zip(recorder.records, grads, strict=True):
-                    if name in accumulators:
-                        accumulators[name].update(z.detach(), a.detach(), g, atol, gtol)
+                records = [
+                    (name, z.detach(), a.detach(), g)
+                    for (name, z, a, _), g in zip(recorder.records, grads, strict=True)
+                ]
+                accumulators.update(records, atol, gtol)
         finally:
             recorder.clear()
 
@@ -355,13 +381,13 @@ class KerasWatch:
         self.warnings: list[str] = []
         self.unobserved = unobserved
         self.output_shape = tuple(_single_output(outputs).shape) if loss in ("ce", "mse") else ()
-        self.by_name = {info.name: SiteAccumulator(info, rank, positions) for info, rank, positions in sites}
+        self.table = Accumulators(sites)
         self.generator = keras.random.SeedGenerator(options.seed) if loss == "probe" else None
         self._step = (_tensorflow_step if _backend() == "tensorflow" else _torch_step)(self)
 
-    def parts(self) -> tuple[Any, Recorder, dict[str, SiteAccumulator], ResolvedLoss, Any]:
-        """What a step closes over: the model, the recorder, the accumulators by site, the loss, the probe's seed."""
-        return self.model, self.recorder, self.by_name, self.loss, self.generator
+    def parts(self) -> tuple[Any, Recorder, Accumulators, ResolvedLoss, Any]:
+        """What a step closes over: the model, the recorder, the accumulators, the loss, the probe's seed."""
+        return self.model, self.recorder, self.table, self.loss, self.generator
 
     def step(self, batch: Batch) -> None:
         y = None
@@ -371,13 +397,14 @@ class KerasWatch:
         self._step(batch.x, y)
 
     def sites(self) -> list[SiteInfo]:
-        return [accumulator.info for accumulator in self.by_name.values()]
+        return [accumulator.info for accumulator in self.table.sites()]
 
     def accumulators(self) -> list[SiteAccumulator]:
-        return list(self.by_name.values())
+        return self.table.sites()
 
     def collect(self, accumulators: list[Any]) -> list[tuple[SiteInfo, SiteStats]]:
-        return [(accumulator.info, accumulator.to_stats()) for accumulator in accumulators]
+        host = self.table.host()
+        return [(accumulator.info, accumulator.stats(host)) for accumulator in accumulators]
 
 
 def _training_loss(kind: ResolvedLoss, y: Any, model: Any) -> Any:
