@@ -29,14 +29,14 @@ def _sharded_stats(model, data, *, world, batch_size, samples=None, input_shape=
     run = BACKEND.prepare(model, None)
     total = len(data) if data is not None else samples
     grid_size = run.static_batch or batch_size
-    shapes = [tuple(input_shape)] if input_shape is not None else []
+    shapes = (run.sample_shapes(input_shape) or []) if data is None else []
     merged = None
     for rank in range(world):
         start, stop = shard_bounds(total, rank, world)
         grid = Grid(total, grid_size, start, stop, run.static_batch is not None, seed + 1)
         kept = []
         engine.scan(
-            with_probe(lambda _, grid=grid: grid.probe), model, grid.batches(data, shapes, seed),
+            with_probe(lambda _, grid=grid: grid.probe), model, grid.batches(data, shapes, seed, run.vocabulary),
             ScanOptions(batch_size=batch_size, input_shape=input_shape, seed=seed),
             reduce=lambda accs, kept=kept: kept.extend(accs) or accs,
         )
@@ -79,6 +79,16 @@ def test_sharded_random_inputs_and_static_batch_program():
     program = torch.export.export(zoo.cnn().eval(), (torch.randn(4, 3, 8, 8),))  # a static batch of 4
     single = _single_stats(program, None, batch_size=4, samples=19)
     _assert_same(single, _sharded_stats(program, None, world=2, batch_size=4, samples=19, input_shape=(3, 8, 8)))
+
+
+def test_sharded_random_token_ids_match_one_process():
+    """`--samples N` under torchrun draws token ids for a token model, as one process does (not floats)."""
+    pytest.importorskip("transformers")
+    from . import hf_zoo
+
+    model = hf_zoo.build("opt")
+    single = _single_stats(model, None, batch_size=4, samples=10)
+    _assert_same(single, _sharded_stats(model, None, world=2, batch_size=4, samples=10))
 
 
 def test_launched_reads_torchrun_environment(monkeypatch):

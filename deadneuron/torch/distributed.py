@@ -204,7 +204,11 @@ class Grid:
             if lo < hi:
                 yield k, lo, hi
 
-    def batches(self, dataset: datamod.Dataset | None, shapes: Sequence[Shape], seed: int) -> Iterator[Any]:
+    def batches(
+        self, dataset: datamod.Dataset | None, shapes: Sequence[Shape], seed: int, vocabulary: int | None = None
+    ) -> Iterator[Any]:
+        """This rank's batches: its rows of `dataset`, or of the single-process random draw (token ids in
+        [0, vocabulary) for a model that takes them)."""
         if dataset is not None:
             for k, lo, hi in self.blocks():
                 part = datamod.Dataset(
@@ -216,7 +220,7 @@ class Grid:
             return
         wanted = {k: (lo, hi) for k, lo, hi in self.blocks()}
         last = max(wanted, default=-1)
-        for k, x in enumerate(random_inputs(self.total, shapes, self.grid, seed)):  # the single-process draw
+        for k, x in enumerate(random_inputs(self.total, shapes, self.grid, seed, vocabulary)):  # one process's draw
             if k in wanted:
                 lo, hi = wanted[k]
                 self.current = (k, lo - k * self.grid, hi - k * self.grid)
@@ -293,7 +297,7 @@ def scan(
             return engine.scan(
                 with_probe(lambda seed: grid.probe),
                 model,
-                grid.batches(data, shapes, options.seed),
+                grid.batches(data, shapes, options.seed, run.vocabulary),
                 replace(options, samples=None),
                 progress=progress if rank == 0 else None,
                 name=name,
