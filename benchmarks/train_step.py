@@ -7,7 +7,8 @@ model is `deadneuron.swap` of the ReLU one (epsilon 0.0025 after convolutions, 0
 with no other setting: what a user gets by default.
 
 - PyTorch: eager `loss.backward(); optimizer.step()`. Columns: ReLU, SineReLU by default (the fused loops when the
-  install built them, `deadneuron/torch/fused.py`), and the eager fallback (`kernels.suspended()`) for reference.
+  install built them, `deadneuron/torch/fused.py`), the eager fallback (`kernels.suspended()`) for reference, and,
+  where the loops use their own float32 sine, the same loops with libmvec's (`fused.use_sine("libmvec")`).
 - Keras (TensorFlow backend, in a child process): `model.train_on_batch` after `model.compile(...)` with Keras's
   default `jit_compile="auto"` (Keras turns XLA off on a CPU-only machine: the step is a TF graph without XLA, in
   which SineReLU's conv activations run its own small XLA-compiled loops, `deadneuron/keras/fused.py`), and the
@@ -84,10 +85,13 @@ def torch_lenet5():  # noqa: ANN201 - torch is imported by the framework that ru
     )
 
 
-def torch_step(model, x, y, eager: bool = False) -> Step:  # noqa: ANN001
+def torch_step(model, x, y, eager: bool = False, sine: str | None = None) -> Step:  # noqa: ANN001
+    """One SGD step; `eager`: inside kernels.suspended(); `sine`: the fused loops' float32 sine for this step
+    (fused.use_sine), restored after it."""
     import torch
     from torch import nn
 
+    from deadneuron.torch import fused
     from deadneuron.torch.kernels import suspended
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -97,6 +101,12 @@ def torch_step(model, x, y, eager: bool = False) -> Step:  # noqa: ANN001
         if eager:
             with suspended():
                 nn.functional.cross_entropy(model(x), y).backward()
+        elif sine is not None:
+            before = fused.use_sine(sine)
+            try:
+                nn.functional.cross_entropy(model(x), y).backward()
+            finally:
+                fused.use_sine(before)
         else:
             nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
@@ -117,11 +127,15 @@ def run_torch(batches: list[int], rounds: int, clock: str) -> None:
         f"built: {fused.available()}; {clock} clock, median of {rounds} interleaved steps"
     )
     print()
+    # The fused loops with libmvec's sine instead of their own (where the CPU has one): what the own sine saves, in the
+    # same run.
+    own = fused.available() and fused.use_sine() != "libmvec"
+    libmvec = " | libmvec sine ms | libmvec sine / ReLU (IQR)" if own else ""
     print(
         "| batch | ReLU step ms | SineReLU step ms | SineReLU / ReLU (IQR) | eager fallback ms "
-        "| eager fallback / ReLU (IQR) |"
+        f"| eager fallback / ReLU (IQR){libmvec} |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if own else ""))
     for batch in batches:
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(batch, 1, 28, 28, generator=generator)
@@ -134,13 +148,16 @@ def run_torch(batches: list[int], rounds: int, clock: str) -> None:
                 "relu": torch_step(copy.deepcopy(relu), x, y),
                 "sinerelu": torch_step(copy.deepcopy(swapped), x, y),
                 "eager": torch_step(copy.deepcopy(swapped), x, y, eager=True),
+                **({"libmvec": torch_step(copy.deepcopy(swapped), x, y, sine="libmvec")} if own else {}),
             },
             rounds,
             clock,
         )
+        extra = f" {median_ms(times, 'libmvec')} | {paired(times, 'libmvec', 'relu')} |" if own else ""
         print(
             f"| {batch} | {median_ms(times, 'relu')} | {median_ms(times, 'sinerelu')} | "
-            f"{paired(times, 'sinerelu', 'relu')} | {median_ms(times, 'eager')} | {paired(times, 'eager', 'relu')} |",
+            f"{paired(times, 'sinerelu', 'relu')} | {median_ms(times, 'eager')} | {paired(times, 'eager', 'relu')} |"
+            + extra,
             flush=True,
         )
 
