@@ -112,9 +112,9 @@ def _os_threads() -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
 def test_no_thread_outlives_a_call():
     x = torch.randn(fused_module.PARALLEL_MIN * 4, requires_grad=True)
+    torch.set_num_threads(2)  # before counting: setting it starts a thread of torch's own (the test failed alone)
     torch.relu(x).sum().backward()  # torch's own pool starts here, not counted against the loops
     before = _os_threads()
-    torch.set_num_threads(2)
     sinerelu(x).sum().backward()
     assert _os_threads() == before
 
