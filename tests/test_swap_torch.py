@@ -443,3 +443,20 @@ def test_swapped_sequential_runs_and_keeps_its_shape():
     close(copy.deepcopy(swapped)(x), expected)
     report = deadneuron.scan(swapped, x)
     assert [(layer.name, layer.kind) for layer in report.layers] == [("1", "sinerelu"), ("2.sinerelu()", "sinerelu")]
+
+
+def test_a_model_of_torch_nn_modules_only_runs_without_the_function_mode():
+    # The mode costs a Python call per torch function of every forward (issue 15) and has nothing to swap here; the
+    # test above keeps it where one module's own code calls F.relu.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(inplace=True), nn.Linear(6, 2))
+    swapped = deadneuron.swap(model)
+    assert not hasattr(swapped, "_deadneuron_functional") and "forward" not in vars(swapped)
+    x = torch.randn(5, 4)
+    expected = lin(model[4], formula(lin(model[2], formula(lin(model[0], x), DENSE)), DENSE))
+    close(swapped(x), expected)
+    report = deadneuron.scan(swapped, x)
+    assert [(layer.name, layer.kind) for layer in report.layers] == [("1", "sinerelu"), ("3", "sinerelu")]
+    hooked = copy.deepcopy(model)
+    hooked[2].register_forward_hook(lambda module, args, out: F.relu(out))  # a hook's code may call F.relu too
+    assert hasattr(deadneuron.swap(hooked), "_deadneuron_functional")
