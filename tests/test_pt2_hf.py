@@ -114,27 +114,75 @@ def test_data_may_leave_out_keywords_that_follow_their_example(exported):
         assert (a.dead_units, a.dormant_units, a.grad_dead_units) == (b.dead_units, b.dormant_units, b.grad_dead_units)
 
 
-def test_gpt2_exported_with_its_tanh_gelu_as_one_op_is_observed(tmp_path):
-    # gelu_new is written out in primitive ops by torch.export (not observed); the documented workaround keeps
-    # the formula as one torch op, and the forced units are found as the hook reference finds them
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    """(eager GPT-2, path of its .pt2 by the recipe, .npz of the batches): torch.export writes its gelu_new
+    (`NewGELUActivation`, a tanh formula) out in primitive ops (pow, mul, add, tanh), with no activation op."""
+    folder = tmp_path_factory.mktemp("gpt2_pt2")
+    model = zoo.build("gpt2")
+    data = zoo.batches("gpt2")
+    program = zoo.export(model, data[0], folder / "model.pt2")
+    assert not [n for n in program.graph.nodes if "gelu" in str(n.target)]  # the premise: no gelu op in the graph
+    np.savez(folder / "ids.npz", **{key: torch.cat([batch[key] for batch in data]).numpy() for key in data[0]})
+    return model, folder / "model.pt2", folder / "ids.npz"
+
+
+def _same_units(layers, expected):
+    for layer, want in zip(layers, expected, strict=True):
+        for state in STATES:
+            assert set(layer[f"{state}_units"]) == want[state], (layer["name"], state)
+
+
+def test_gpt2s_gelu_written_out_in_primitive_ops_is_one_site_per_module(gpt2):
+    model, path, _ = gpt2
+    data = zoo.batches("gpt2")
+    report = deadneuron.scan(load(str(path)), data)
+    eager = deadneuron.scan(model, data)
+    assert report.unobserved == [] == eager.unobserved
+    assert [(layer.name, layer.kind) for layer in report.layers] == [
+        (layer.name, layer.kind) for layer in eager.layers
+    ] == [(name, "gelu_tanh") for name, _ in zoo.activations(model, "gpt2")]
+    expected = zoo.reference(model, "gpt2", data)
+    _same_units([layer.to_dict() for layer in report.layers], expected)
+    for layer, want in zip(report.layers, expected, strict=True):  # per sequence, as the hooks count it
+        np.testing.assert_allclose(layer.stats.firing_rate, want["firing_rate"], atol=1e-6)
+    # a comparison folds the program's scopes as the scan does: nothing to swap, both GELUs named as left alone
+    comparison = deadneuron.compare(load(str(path)), data)
+    assert comparison.verdict()[0].startswith("Nothing was swapped for sinerelu; left alone: 2 gelu_tanh sites")
+
+
+@pytest.mark.slow
+def test_cli_scan_of_the_gpt2_file_finds_the_forced_units(gpt2):
+    model, path, ids = gpt2
+    result = run_cli("scan", str(path), "--data", str(ids), "--batch-size", "8", "--json", "-")
+    assert result.returncode == 0, result.stderr
+    assert "not observed" not in result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["unobserved"] == []
+    assert [(layer["name"], layer["kind"]) for layer in report["layers"]] == [
+        (name, "gelu_tanh") for name, _ in zoo.activations(model, "gpt2")
+    ]
+    expected = zoo.reference(model, "gpt2", zoo.batches("gpt2"))
+    _same_units(report["layers"], expected)
+    for layer, forced in zip(report["layers"], zoo.FORCED["gpt2"], strict=True):
+        for state in STATES:
+            assert set(layer[f"{state}_units"]) >= set(forced[state]), (layer["name"], state)
+
+
+def test_gpt2_exported_with_the_tanh_gelu_as_one_op_keeps_its_kind(tmp_path):
+    # ACT2FN["gelu_pytorch_tanh"] is one aten.gelu(approximate="tanh") in the graph: a gelu_tanh site, as eager
     from transformers.activations import ACT2FN
 
     model = zoo.build("gpt2")
     data = zoo.batches("gpt2")
-    zoo.export(model, data[0], tmp_path / "decomposed.pt2")
-    assert [layer.name for layer in deadneuron.scan(load(str(tmp_path / "decomposed.pt2")), data).layers] == []
     for block in model.transformer.h:
         block.mlp.act = ACT2FN["gelu_pytorch_tanh"]
     zoo.export(model, data[0], tmp_path / "gpt2.pt2")
     report = deadneuron.scan(load(str(tmp_path / "gpt2.pt2")), data)
-    expected = zoo.reference(model, "gpt2", data)
-    assert [layer.name for layer in report.layers] == [name for name, _ in zoo.activations(model, "gpt2")]
-    for layer, want in zip(report.layers, expected, strict=True):
-        assert (set(layer.dead_units), set(layer.dormant_units), set(layer.grad_dead_units)) == (
-            want["dead"],
-            want["dormant"],
-            want["grad_dead"],
-        )
+    assert [(layer.name, layer.kind) for layer in report.layers] == [
+        (name, "gelu_tanh") for name, _ in zoo.activations(model, "gpt2")
+    ]
+    _same_units([layer.to_dict() for layer in report.layers], zoo.reference(model, "gpt2", data))
 
 
 def test_a_static_batch_program_of_keyword_inputs_is_cut_into_its_batches(tmp_path):

@@ -32,7 +32,7 @@ from ..core.stats import SiteStats
 from ..errors import DeadNeuronError
 from ..report import SiteInfo
 from .accumulate import SiteAccumulator, collect
-from .decomposed import fold_sinerelu
+from .decomposed import fold
 from .loading import load_model
 from .objective import Probe, batch_probe, first_output, own_loss, task_loss
 from .program_inputs import KeywordInputs, cut, embedding_rows, keyword_inputs
@@ -178,10 +178,11 @@ class TorchRun:
 
 def prepare(model: Any, name: str | None, probe: Callable[[int], Probe] = batch_probe) -> TorchRun:
     """`model` ready to scan: an `ExportedProgram` as a fresh graph module (SineReLUs that `deadneuron swap` wrote
-    out in aten ops folded back into sites), a `torch.compile`d module as its original."""
+    out in aten ops, and activation modules that torch.export wrote out in primitive ops, folded back into sites),
+    a `torch.compile`d module as its original."""
     if isinstance(model, torch.export.ExportedProgram):
         module = model.module()  # a new graph module each call: folding leaves `model` as it was
-        fold_sinerelu(module)
+        fold(module)
         run = TorchRun(module, name or "ExportedProgram", probe)
         run.graph_names, run.unobserved = graph_sites(module)
         args = model.example_inputs[0] if model.example_inputs else ()

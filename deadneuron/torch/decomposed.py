@@ -5,6 +5,10 @@ the saved program runs with plain `torch.export.load`, without deadneuron. The n
 `nn_module_stack` for a module; for a functional ReLU, the name a scan gives the call, in the nodes' `custom`
 metadata). A scan of such a program folds each complete, tagged decomposition back into one call of
 `kinds.folded_sinerelu` (`fold_sinerelu`), which its watcher sees as one `sinerelu` site under the ReLU's name.
+
+torch.export also writes some activation modules of the ecosystem out in primitive ops (GPT-2's `NewGELUActivation`:
+pow, mul, add, tanh). `fold_activation_scopes` folds each such module scope into one call of
+`kinds.folded_activation` that runs the same ops, so the scan sees one site named and kinded as the eager module.
 """
 
 from __future__ import annotations
@@ -14,10 +18,21 @@ from typing import Any
 
 import torch
 
-from .kinds import SWAPPED_SITE_KEY, call_name, folded_sinerelu, function_spec, is_inplace, module_kinds_by_name
+from .kinds import (
+    SWAPPED_SITE_KEY,
+    call_name,
+    folded_activation,
+    folded_sinerelu,
+    function_spec,
+    is_inplace,
+    module_kinds_by_name,
+)
 from .sinerelu import SineReLU
 
-__all__ = ["activation_entry", "decompose", "fold_sinerelu", "swapped_site_name", "without_activation_entry"]
+__all__ = [
+    "activation_entry", "decompose", "fold", "fold_activation_scopes", "fold_sinerelu", "swapped_site_name",
+    "without_activation_entry",
+]
 
 _QUARTER_PI = math.pi / 4
 # How `decompose` tags a module's nodes in nn_module_stack.
@@ -115,17 +130,115 @@ def fold_sinerelu(graph_module: torch.fx.GraphModule) -> int:
         if match is None:
             continue
         x, epsilon, form, inplace, final, pattern = match
-        with graph.inserting_before(final):
-            new = graph.call_function(folded_sinerelu, (x, epsilon, form, inplace))
-        new.meta = dict(final.meta)
-        final.replace_all_uses_with(new)
-        for old in pattern:  # users first
-            graph.erase_node(old)
+        _replace(graph, final, folded_sinerelu, (x, epsilon, form, inplace), pattern)
         folded += 1
+    return _recompiled(graph_module, folded)
+
+
+def _replace(graph: torch.fx.Graph, final: torch.fx.Node, target: Any, args: tuple[Any, ...], nodes: list[Any]) -> None:
+    """One call of `target` in place of `nodes` (users first), `final` being the one whose value is read after."""
+    with graph.inserting_before(final):
+        new = graph.call_function(target, args)
+    new.meta = dict(final.meta)
+    final.replace_all_uses_with(new)
+    for old in nodes:
+        graph.erase_node(old)
+
+
+def _recompiled(graph_module: torch.fx.GraphModule, folded: int) -> int:
     if folded:
-        graph.lint()
+        graph_module.graph.lint()
         graph_module.recompile()
     return folded
+
+
+def fold(graph_module: torch.fx.GraphModule) -> int:
+    """Both folds, in place: SineReLUs that `deadneuron swap` wrote out, then activation modules written out in
+    primitive ops (`fold_activation_scopes`); how many sites were folded."""
+    return fold_sinerelu(graph_module) + fold_activation_scopes(graph_module)
+
+
+def fold_activation_scopes(graph_module: torch.fx.GraphModule) -> int:
+    """Fold each activation module that torch.export wrote out in primitive ops into one `folded_activation` call.
+
+    A scope is a run of consecutive nodes made by one call of an activation module of a known kind (the last entry
+    of their `nn_module_stack`). It is folded when it holds no activation op of its own (one that does is a site
+    already), mutates nothing, reads exactly one tensor from outside (the pre-activation), and exactly one of its
+    nodes is read outside it (the output, of the pre-activation's shape). Its nodes move into a graph module
+    registered on `graph_module` (`deadneuron_scope_<k>`), which the folded call runs; the call keeps the output
+    node's metadata, so the site is named by the module's path, as in the eager model. Changes `graph_module` in
+    place; returns how many scopes were folded; a scope that does not fit stays as it is (not observed).
+    """
+    graph = graph_module.graph
+    by_class = module_kinds_by_name()
+    folded = 0
+    for scope in _scopes(graph):
+        found = _foldable(scope)
+        if found is None:
+            continue
+        x, out = found
+        body = torch.fx.Graph()
+        env: dict[torch.fx.Node, torch.fx.Node] = {x: body.placeholder("x")}
+        for node in scope:
+            env[node] = body.node_copy(node, env.__getitem__)
+        body.output(env[out])
+        name = f"deadneuron_scope_{folded}"
+        while hasattr(graph_module, name):
+            name += "_"
+        graph_module.add_submodule(name, torch.fx.GraphModule(graph_module, body))
+        entry = activation_entry(out)
+        assert entry is not None  # `_scopes` made sure
+        with graph.inserting_before(out):
+            attribute = graph.get_attr(name)
+        _replace(graph, out, folded_activation, (x, by_class[entry[1]], attribute), scope[::-1])
+        folded += 1
+    return _recompiled(graph_module, folded)
+
+
+def _scopes(graph: torch.fx.Graph) -> list[list[torch.fx.Node]]:
+    """Runs of consecutive call_function nodes made by one call of one activation module."""
+    scopes: list[list[torch.fx.Node]] = []
+    key = None
+    for node in graph.nodes:
+        entry = activation_entry(node) if node.op == "call_function" else None
+        if entry is None:
+            key = None
+            continue
+        here = (list(node.meta["nn_module_stack"])[-1], entry)
+        if here != key:
+            scopes.append([])
+            key = here
+        scopes[-1].append(node)
+    return scopes
+
+
+def _foldable(scope: list[torch.fx.Node]) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+    """(pre-activation, output) of a scope that `fold_activation_scopes` may fold, else None."""
+    inside = set(scope)
+    inputs: list[torch.fx.Node] = []
+    outputs: list[torch.fx.Node] = []
+    for node in scope:
+        schema = getattr(node.target, "_schema", None)
+        if (
+            function_spec(node.target, tuple(node.args), dict(node.kwargs)) is not None
+            or schema is None
+            or schema.is_mutable
+        ):
+            return None
+        for arg in node.all_input_nodes:
+            if arg not in inside and arg not in inputs:
+                inputs.append(arg)
+        if any(user not in inside for user in node.users):
+            outputs.append(node)
+    if len(inputs) != 1 or len(outputs) != 1 or inputs[0].op == "get_attr":
+        return None
+    x, out = inputs[0], outputs[0]
+    before, after = x.meta.get("val"), out.meta.get("val")
+    if not isinstance(before, torch.Tensor) or not isinstance(after, torch.Tensor):
+        return None
+    if str(tuple(before.shape)) != str(tuple(after.shape)):  # an activation keeps its input's shape
+        return None
+    return x, out
 
 
 def swapped_site_name(node: Any) -> str | None:

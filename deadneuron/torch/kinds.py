@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import torch
@@ -133,6 +133,8 @@ class FunctionSpec:
     inplace_arg: int | None = None  # position of an `inplace` flag, if the function takes one
     always_inplace: bool = False
     check: Callable[[tuple[Any, ...], dict[str, Any]], bool] | None = None  # extra condition on the arguments
+    # The kind read from the arguments when they say more than the function does (gelu's approximate="tanh").
+    variant: Callable[[tuple[Any, ...], dict[str, Any]], str | None] | None = None
 
 
 def _is_zero(value: Any) -> bool:
@@ -147,6 +149,18 @@ def _clamp_is_relu(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
 
 def _clamp_min_is_relu(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return _is_zero(kwargs.get("min", args[1] if len(args) > 1 else None))
+
+
+def _gelu_variant(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    return "gelu_tanh" if kwargs.get("approximate", args[1] if len(args) > 1 else "none") == "tanh" else None
+
+
+def _folded_kind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    return args[1] if len(args) > 1 and isinstance(args[1], str) else None
+
+
+def _has_folded_kind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    return _folded_kind(args, kwargs) is not None
 
 
 def _hardtanh_is_relu6(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -180,6 +194,18 @@ def folded_sinerelu(x: torch.Tensor, epsilon: float, form: str, inplace: bool) -
     return sinerelu(x, epsilon, form, inplace)  # type: ignore[arg-type]
 
 
+def folded_activation(x: torch.Tensor, kind: str, body: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`body(x)`, visible to a `TorchFunctionMode` as one activation call of `kind`.
+
+    An activation module that torch.export wrote out in primitive ops (GPT-2's `NewGELUActivation`: pow, mul, add,
+    tanh) is folded into one call of this (`decomposed.fold_activation_scopes`), `body` being those ops, so a scan
+    sees one site where the eager model has one module.
+    """
+    if has_torch_function((x,)):
+        return handle_torch_function(folded_activation, (x,), x, kind, body)  # type: ignore[no-any-return]
+    return body(x)
+
+
 def _functional_specs() -> dict[Any, FunctionSpec]:
     T = torch.Tensor
     specs: dict[Any, FunctionSpec] = {
@@ -199,12 +225,13 @@ def _functional_specs() -> dict[Any, FunctionSpec]:
         F.celu: FunctionSpec("celu", "celu", inplace_arg=2),
         F.selu: FunctionSpec("selu", "selu", inplace_arg=1),
         torch.selu: FunctionSpec("selu", "selu"),
-        F.gelu: FunctionSpec("gelu", "gelu"),
+        F.gelu: FunctionSpec("gelu", "gelu", variant=_gelu_variant),
         F.silu: FunctionSpec("silu", "silu", inplace_arg=1),
         F.hardswish: FunctionSpec("hardswish", "hardswish", inplace_arg=1),
         F.mish: FunctionSpec("mish", "mish", inplace_arg=1),
         F.softplus: FunctionSpec("softplus", "softplus"),
         folded_sinerelu: FunctionSpec("sinerelu", "sinerelu", inplace_arg=3),
+        folded_activation: FunctionSpec("", "activation", check=_has_folded_kind, variant=_folded_kind),
     }
     from .sinerelu import sinerelu
 
@@ -243,9 +270,10 @@ def _aten_specs() -> dict[Any, FunctionSpec]:
     specs: dict[Any, FunctionSpec] = {}
     for op, kind in plain.items():
         label = op.lstrip("_").replace("_kernel", "")
-        specs[getattr(aten, op)] = FunctionSpec(kind, label)
+        variant = _gelu_variant if kind == "gelu" else None
+        specs[getattr(aten, op)] = FunctionSpec(kind, label, variant=variant)
         if hasattr(aten, op + "_"):
-            specs[getattr(aten, op + "_")] = FunctionSpec(kind, label, always_inplace=True)
+            specs[getattr(aten, op + "_")] = FunctionSpec(kind, label, always_inplace=True, variant=variant)
     specs[aten.hardtanh] = FunctionSpec("relu6", "relu6", check=_hardtanh_is_relu6)
     specs[aten.hardtanh_] = FunctionSpec("relu6", "relu6", always_inplace=True, check=_hardtanh_is_relu6)
     specs[aten.clamp] = FunctionSpec("relu", "clamp", check=_clamp_is_relu)
@@ -279,7 +307,8 @@ def function_spec(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> F
         return None
     if spec.check is not None and not spec.check(args, kwargs):
         return None
-    return spec
+    kind = spec.variant(args, kwargs) if spec.variant is not None else None
+    return spec if kind is None else replace(spec, kind=kind)
 
 
 def is_inplace(spec: FunctionSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:

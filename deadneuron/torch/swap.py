@@ -43,7 +43,7 @@ from torch.overrides import TorchFunctionMode
 from ..core.options import SwapKeywords, SwapOptions
 from ..core.swap import nearest, write_then_rename
 from ..errors import DeadNeuronError
-from .decomposed import activation_entry, decompose, without_activation_entry
+from .decomposed import activation_entry, decompose, fold_activation_scopes, without_activation_entry
 from .kinds import function_spec, is_inplace, layer_of, module_kind, module_kinds
 from .sinerelu import SineReLU
 
@@ -101,9 +101,12 @@ def swap_model(model: Any, options: SwapOptions) -> Any:
 
 def swap_for_scan(model: Any, options: SwapOptions) -> Any:
     """The swap that a comparison scans: as `swap_model`, except that an `ExportedProgram` becomes a graph module
-    whose SineReLUs are submodules at the ReLUs' module paths, so the scan sees them under the same names."""
+    whose SineReLUs are submodules at the ReLUs' module paths, so the scan sees them under the same names (and
+    activation modules written out in primitive ops are folded, as the scan of the program folds them)."""
     if isinstance(model, torch.export.ExportedProgram):
-        return swap_graph_module(model.module(), options)
+        module = model.module()
+        fold_activation_scopes(module)
+        return swap_graph_module(module, options)
     return swap_model(model, options)
 
 
