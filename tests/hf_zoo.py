@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 FAMILIES = ("opt", "gpt2", "bert", "llama")
+STATES = ("dead", "dormant", "grad_dead")
 VOCAB = 97
 HIDDEN = 32
 FFN = 64
@@ -273,3 +274,10 @@ def export(model: nn.Module, batch: dict[str, Any], path: Any, dynamic: bool = T
     program = torch.export.export(model, (), kwargs=dict(batch), dynamic_shapes=shapes)
     torch.export.save(program, path)
     return program
+
+
+def same_units(layers: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:
+    """Each report layer (as JSON) has exactly the units `reference` found in each state."""
+    for layer, want in zip(layers, expected, strict=True):
+        for state in STATES:
+            assert set(layer[f"{state}_units"]) == want[state], (layer["name"], state)

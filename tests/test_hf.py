@@ -22,7 +22,7 @@ from deadneuron.torch.hf import load_pretrained  # noqa: E402
 from . import hf_zoo as zoo  # noqa: E402
 from .conftest import ROOT, last_line, run_cli  # noqa: E402
 
-STATES = ("dead", "dormant", "grad_dead")
+STATES = zoo.STATES
 
 
 @pytest.fixture(scope="module", params=zoo.FAMILIES)
@@ -233,9 +233,7 @@ def test_cli_scans_a_saved_directory_with_named_arrays(family, built, saved, tmp
     assert report["loss"] == ("model" if family == "bert" else "probe")
     expected = zoo.reference(built, family, data)
     assert [layer["name"] for layer in report["layers"]] == [path for path, _ in zoo.activations(built, family)]
-    for layer, want in zip(report["layers"], expected, strict=True):
-        for state in STATES:
-            assert set(layer[f"{state}_units"]) == want[state], (layer["name"], state)
+    zoo.same_units(report["layers"], expected)
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from . import hf_zoo as zoo  # noqa: E402
 from . import safety_corpus as corpus  # noqa: E402
 from .conftest import ROOT, last_line, run_cli  # noqa: E402
 
-STATES = ("dead", "dormant", "grad_dead")
+STATES = zoo.STATES
 
 
 @pytest.fixture(scope="module", params=["opt", "bert"])
@@ -70,9 +70,7 @@ def test_cli_scan_of_the_file_finds_the_forced_units(exported):
     report = json.loads(result.stdout)
     expected = zoo.reference(model, family, zoo.batches(family))
     assert [layer["name"] for layer in report["layers"]] == [name for name, _ in zoo.activations(model, family)]
-    for layer, want in zip(report["layers"], expected, strict=True):
-        for state in STATES:
-            assert set(layer[f"{state}_units"]) == want[state], (layer["name"], state)
+    zoo.same_units(report["layers"], expected)
 
 
 @pytest.mark.slow
@@ -127,12 +125,6 @@ def gpt2(tmp_path_factory):
     return model, folder / "model.pt2", folder / "ids.npz"
 
 
-def _same_units(layers, expected):
-    for layer, want in zip(layers, expected, strict=True):
-        for state in STATES:
-            assert set(layer[f"{state}_units"]) == want[state], (layer["name"], state)
-
-
 def test_gpt2s_gelu_written_out_in_primitive_ops_is_one_site_per_module(gpt2):
     model, path, _ = gpt2
     data = zoo.batches("gpt2")
@@ -143,7 +135,7 @@ def test_gpt2s_gelu_written_out_in_primitive_ops_is_one_site_per_module(gpt2):
         (layer.name, layer.kind) for layer in eager.layers
     ] == [(name, "gelu_tanh") for name, _ in zoo.activations(model, "gpt2")]
     expected = zoo.reference(model, "gpt2", data)
-    _same_units([layer.to_dict() for layer in report.layers], expected)
+    zoo.same_units([layer.to_dict() for layer in report.layers], expected)
     for layer, want in zip(report.layers, expected, strict=True):  # per sequence, as the hooks count it
         np.testing.assert_allclose(layer.stats.firing_rate, want["firing_rate"], atol=1e-6)
     # a comparison folds the program's scopes as the scan does: nothing to swap, both GELUs named as left alone
@@ -163,7 +155,7 @@ def test_cli_scan_of_the_gpt2_file_finds_the_forced_units(gpt2):
         (name, "gelu_tanh") for name, _ in zoo.activations(model, "gpt2")
     ]
     expected = zoo.reference(model, "gpt2", zoo.batches("gpt2"))
-    _same_units(report["layers"], expected)
+    zoo.same_units(report["layers"], expected)
     for layer, forced in zip(report["layers"], zoo.FORCED["gpt2"], strict=True):
         for state in STATES:
             assert set(layer[f"{state}_units"]) >= set(forced[state]), (layer["name"], state)
@@ -182,7 +174,7 @@ def test_gpt2_exported_with_the_tanh_gelu_as_one_op_keeps_its_kind(tmp_path):
     assert [(layer.name, layer.kind) for layer in report.layers] == [
         (name, "gelu_tanh") for name, _ in zoo.activations(model, "gpt2")
     ]
-    _same_units([layer.to_dict() for layer in report.layers], zoo.reference(model, "gpt2", data))
+    zoo.same_units([layer.to_dict() for layer in report.layers], zoo.reference(model, "gpt2", data))
 
 
 def test_a_static_batch_program_of_keyword_inputs_is_cut_into_its_batches(tmp_path):

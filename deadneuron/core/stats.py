@@ -32,9 +32,6 @@ FIELDS: dict[str, tuple[str, Reduction]] = {
     "inactive_sum": ("float64", "sum"),
 }
 
-# The fields a backward pass fills (the others come from the forward pass).
-GRADIENT_FIELDS: tuple[str, ...] = ("grad_nonzero", "grad_abs_sum")
-
 # Scalars per site: samples seen in the forward pass, and samples that also had a gradient taken.
 COUNTERS: tuple[str, ...] = ("samples", "grad_samples")
 

@@ -67,15 +67,14 @@ class SiteAccumulator:
         top = self._per_sample(ops.cast(z, "float32"), "max")
         batch = ops.shape(a)[0]
         flags = [active > 0, top > 0, ops.logical_not(finite)]
-        if g is None:
+        if g is None:  # no gradient taken: its count row and sum are zero
+            flags.append(ops.zeros_like(flags[0]))
             grad_abs = ops.zeros((self.info.units,), "float32")
         else:
             g = ops.abs(ops.cast(_as_rank(g, self.rank), "float32"))
             flags.append(self._per_sample(g, "max") > gtol)
             grad_abs = ops.sum(self._per_sample(g, "sum"), axis=0)
         counts = ops.sum(ops.cast(ops.stack(flags), "float32"), axis=1)
-        if g is None:
-            counts = ops.concatenate([counts, ops.zeros((1, self.info.units), "float32")])
         inactive = ops.cast(batch, "float32") - ops.sum(active, axis=0)  # sum of the fractions at zero
         largest = ops.max(ops.where(finite, largest, 0.0), axis=0)
         return counts, ops.stack([inactive, grad_abs]), largest, batch

@@ -230,9 +230,11 @@ def renderables(result: Report | Comparison, units: int | None = UNITS_SHOWN) ->
     when None); `print(report)` and rich's `console.print(report)` use the default."""
     from rich.console import Group
 
-    if hasattr(result, "before"):
-        return Group(*comparison_renderables(result, units))  # type: ignore[arg-type]
-    return Group(*report_renderables(result, units))  # type: ignore[arg-type]
+    from .comparison import Comparison  # imported here: comparison.py imports this module
+
+    if isinstance(result, Comparison):
+        return Group(*comparison_renderables(result, units))
+    return Group(*report_renderables(result, units))
 
 
 def comparison_renderables(comparison: Comparison, units: int | None = UNITS_SHOWN) -> Iterator[Any]:

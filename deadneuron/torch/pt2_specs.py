@@ -25,6 +25,7 @@ import re
 from typing import Any
 
 from ..errors import DeadNeuronError
+from .hf import INSTALL_HINT
 
 # The containers torch registers itself whose context is null or a list of keys.
 CONTAINERS = frozenset(
@@ -41,7 +42,6 @@ _MODEL_OUTPUT = re.compile(
     r"(?P<module>transformers\.modeling_outputs|transformers\.models\.[a-z0-9_]+\.modeling_[a-z0-9_]+)"
     r"\.(?P<name>[A-Z][A-Za-z0-9_]*)"
 )
-INSTALL_HINT = "install it with: pip install 'deadneuron[hf]'"
 _SPEC_LIMIT = 1 << 20  # characters of one spec; a tree of a few thousand tensors is far below
 _DEPTH_LIMIT = 64
 _FIX = "expected outputs that are tensors in tuples, lists, dicts or transformers ModelOutputs"
