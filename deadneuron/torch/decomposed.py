@@ -30,7 +30,8 @@ from .kinds import (
 from .sinerelu import SineReLU
 
 __all__ = [
-    "activation_entry", "decompose", "fold", "fold_activation_scopes", "fold_sinerelu", "swapped_site_name",
+    "activation_entry", "decompose", "fold", "fold_activation_scopes", "fold_sinerelu", "folded_scope_nodes",
+    "swapped_site_name",
     "without_activation_entry",
 ]
 
@@ -162,21 +163,24 @@ def fold_activation_scopes(graph_module: torch.fx.GraphModule) -> int:
     """Fold each activation module that torch.export wrote out in primitive ops into one `folded_activation` call.
 
     A scope is a run of consecutive nodes made by one call of an activation module of a known kind (the last entry
-    of their `nn_module_stack`). It is folded when it holds no activation op of its own (one that does is a site
-    already), mutates nothing, reads exactly one tensor from outside (the pre-activation), and exactly one of its
-    nodes is read outside it (the output, of the pre-activation's shape). Its nodes move into a graph module
-    registered on `graph_module` (`deadneuron_scope_<k>`), which the folded call runs; the call keeps the output
-    node's metadata, so the site is named by the module's path, as in the eager model. Changes `graph_module` in
-    place; returns how many scopes were folded; a scope that does not fit stays as it is (not observed).
+    of their `nn_module_stack`). It is folded when it reads exactly one tensor from outside (the pre-activation),
+    exactly one of its nodes is read outside it (the output, of the pre-activation's shape), and it writes in place
+    into nothing but its own intermediate values and its input (`_foldable`). Activation ops inside the scope are
+    folded with it (ReLUSquared's relu, a hard-swish's relu6: their input and output are not the module's); only a
+    scope whose output is one activation op applied to its input (`nn.ReLU`, a functional `gelu`) is left as it is,
+    that op being the module's site already. The scope's nodes move into a graph module registered on
+    `graph_module` (`deadneuron_scope_<k>`), which the folded call runs; the call keeps the output node's metadata,
+    so the site is named by the module's path, as in the eager model. Changes `graph_module` in place; returns how
+    many scopes were folded; a scope that does not fit stays as it is (not observed).
     """
     graph = graph_module.graph
     by_class = module_kinds_by_name()
     folded = 0
     for scope in _scopes(graph):
-        found = _foldable(scope)
+        found = _foldable(scope)  # after the folds before it: a scope's input may be a folded call
         if found is None:
             continue
-        x, out = found
+        x, out, inplace = found
         body = torch.fx.Graph()
         env: dict[torch.fx.Node, torch.fx.Node] = {x: body.placeholder("x")}
         for node in scope:
@@ -190,9 +194,15 @@ def fold_activation_scopes(graph_module: torch.fx.GraphModule) -> int:
         assert entry is not None  # `_scopes` made sure
         with graph.inserting_before(out):
             attribute = graph.get_attr(name)
-        _replace(graph, out, folded_activation, (x, by_class[entry[1]], attribute), scope[::-1])
+        _replace(graph, out, folded_activation, (x, by_class[entry[1]], attribute, inplace), scope[::-1])
         folded += 1
     return _recompiled(graph_module, folded)
+
+
+def folded_scope_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """The nodes of the scopes `fold_activation_scopes` folds: a swap leaves them alone (activation ops among them
+    are parts of a module of another kind, which a swap of the eager model leaves alone too)."""
+    return {node for scope in _scopes(graph) if _foldable(scope) is not None for node in scope}
 
 
 def _scopes(graph: torch.fx.Graph) -> list[list[torch.fx.Node]]:
@@ -212,19 +222,13 @@ def _scopes(graph: torch.fx.Graph) -> list[list[torch.fx.Node]]:
     return scopes
 
 
-def _foldable(scope: list[torch.fx.Node]) -> tuple[torch.fx.Node, torch.fx.Node] | None:
-    """(pre-activation, output) of a scope that `fold_activation_scopes` may fold, else None."""
+def _foldable(scope: list[torch.fx.Node]) -> tuple[torch.fx.Node, torch.fx.Node, bool] | None:
+    """(pre-activation, output, whether the scope writes into its input) of a scope that `fold_activation_scopes`
+    folds, else None."""
     inside = set(scope)
     inputs: list[torch.fx.Node] = []
     outputs: list[torch.fx.Node] = []
     for node in scope:
-        schema = getattr(node.target, "_schema", None)
-        if (
-            function_spec(node.target, tuple(node.args), dict(node.kwargs)) is not None
-            or schema is None
-            or schema.is_mutable
-        ):
-            return None
         for arg in node.all_input_nodes:
             if arg not in inside and arg not in inputs:
                 inputs.append(arg)
@@ -233,12 +237,61 @@ def _foldable(scope: list[torch.fx.Node]) -> tuple[torch.fx.Node, torch.fx.Node]
     if len(inputs) != 1 or len(outputs) != 1 or inputs[0].op == "get_attr":
         return None
     x, out = inputs[0], outputs[0]
+    if out.args and out.args[0] is x and function_spec(out.target, tuple(out.args), dict(out.kwargs)) is not None:
+        return None  # one activation op from the module's input to its output: that op is the site already
+    inplace = False
+    for node in scope:
+        schema = getattr(node.target, "_schema", None)
+        if schema is None:
+            return None
+        for written in _written(node, schema):
+            origin = _origin(written, inside)
+            if origin is x:
+                inplace = True  # timm's `x.mul_(...)` with inplace=True: the folded call writes into x as well
+            elif origin is None or origin not in inside:
+                return None
     before, after = x.meta.get("val"), out.meta.get("val")
     if not isinstance(before, torch.Tensor) or not isinstance(after, torch.Tensor):
         return None
     if str(tuple(before.shape)) != str(tuple(after.shape)):  # an activation keeps its input's shape
         return None
-    return x, out
+    if inplace and _origin(out, inside) is not x:
+        return None  # writes into its input but returns another tensor: the module's output is not its result
+    return x, out, inplace
+
+
+def _written(node: torch.fx.Node, schema: Any) -> list[Any]:
+    """The arguments an op writes into (`self` of `mul_`, `out=`), as given to the node."""
+    written = []
+    for index, argument in enumerate(schema.arguments):
+        info = argument.alias_info
+        if info is None or not info.is_write:
+            continue
+        if argument.kwarg_only or index >= len(node.args):
+            written.append(node.kwargs.get(argument.name))
+        else:
+            written.append(node.args[index])
+    return written
+
+
+def _origin(value: Any, inside: set[torch.fx.Node]) -> Any:
+    """Whose storage `value` is: views and in-place results are followed back to the tensor they alias while that is
+    in the scope, ending at a node of the scope that made a new tensor or at the node outside the scope the aliases
+    lead to; None when an alias cannot be followed (every node of the scope has a schema: `_foldable` checks)."""
+    while isinstance(value, torch.fx.Node) and value in inside:
+        schema = value.target._schema  # type: ignore[union-attr]
+        returned = schema.returns[0].alias_info if schema.returns else None
+        if returned is None:
+            return value  # a new tensor
+        sources = [
+            arg
+            for arg, argument in zip(value.args, schema.arguments, strict=False)
+            if argument.alias_info is not None and argument.alias_info.before_set == returned.before_set
+        ]
+        if len(sources) != 1:
+            return None
+        value = sources[0]
+    return value
 
 
 def swapped_site_name(node: Any) -> str | None:

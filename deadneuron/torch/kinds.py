@@ -194,15 +194,18 @@ def folded_sinerelu(x: torch.Tensor, epsilon: float, form: str, inplace: bool) -
     return sinerelu(x, epsilon, form, inplace)  # type: ignore[arg-type]
 
 
-def folded_activation(x: torch.Tensor, kind: str, body: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def folded_activation(
+    x: torch.Tensor, kind: str, body: Callable[[torch.Tensor], torch.Tensor], inplace: bool = False
+) -> torch.Tensor:
     """`body(x)`, visible to a `TorchFunctionMode` as one activation call of `kind`.
 
     An activation module that torch.export wrote out in primitive ops (GPT-2's `NewGELUActivation`: pow, mul, add,
-    tanh) is folded into one call of this (`decomposed.fold_activation_scopes`), `body` being those ops, so a scan
-    sees one site where the eager model has one module.
+    tanh; ReLUSquared's relu and square) is folded into one call of this (`decomposed.fold_activation_scopes`),
+    `body` being those ops, so a scan sees one site where the eager model has one module. `inplace`: `body` writes
+    its result into `x` (a timm activation made with `inplace=True`), as an in-place module does.
     """
     if has_torch_function((x,)):
-        return handle_torch_function(folded_activation, (x,), x, kind, body)  # type: ignore[no-any-return]
+        return handle_torch_function(folded_activation, (x,), x, kind, body, inplace)  # type: ignore[no-any-return]
     return body(x)
 
 
@@ -231,7 +234,9 @@ def _functional_specs() -> dict[Any, FunctionSpec]:
         F.mish: FunctionSpec("mish", "mish", inplace_arg=1),
         F.softplus: FunctionSpec("softplus", "softplus"),
         folded_sinerelu: FunctionSpec("sinerelu", "sinerelu", inplace_arg=3),
-        folded_activation: FunctionSpec("", "activation", check=_has_folded_kind, variant=_folded_kind),
+        folded_activation: FunctionSpec(
+            "", "activation", inplace_arg=3, check=_has_folded_kind, variant=_folded_kind
+        ),
     }
     from .sinerelu import sinerelu
 

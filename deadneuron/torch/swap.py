@@ -32,6 +32,7 @@ Epsilon per site (design.md: the article's 0.0025 after convolutions, 0.025 afte
 from __future__ import annotations
 
 import copy
+import sys
 import types
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -43,7 +44,7 @@ from torch.overrides import TorchFunctionMode
 from ..core.options import SwapKeywords, SwapOptions
 from ..core.swap import nearest, write_then_rename
 from ..errors import DeadNeuronError
-from .decomposed import activation_entry, decompose, fold_activation_scopes, without_activation_entry
+from .decomposed import activation_entry, decompose, fold, folded_scope_nodes, without_activation_entry
 from .kinds import function_spec, is_inplace, layer_of, module_kind, module_kinds
 from .sinerelu import SineReLU
 
@@ -102,10 +103,11 @@ def swap_model(model: Any, options: SwapOptions) -> Any:
 def swap_for_scan(model: Any, options: SwapOptions) -> Any:
     """The swap that a comparison scans: as `swap_model`, except that an `ExportedProgram` becomes a graph module
     whose SineReLUs are submodules at the ReLUs' module paths, so the scan sees them under the same names (and
-    activation modules written out in primitive ops are folded, as the scan of the program folds them)."""
+    what the scan of the program folds is folded first: SineReLUs written out by an earlier swap, activation modules
+    written out in primitive ops, which stay as they are, as a swap of the eager model leaves them)."""
     if isinstance(model, torch.export.ExportedProgram):
         module = model.module()
-        fold_activation_scopes(module)
+        fold(module)
         return swap_graph_module(module, options)
     return swap_model(model, options)
 
@@ -211,16 +213,23 @@ class _Functional:
     they hold no parameters or buffers to move or save.
     """
 
-    def __init__(self, include: tuple[str, ...], modules: dict[str, SineReLU], inner: Any) -> None:
+    def __init__(
+        self, include: tuple[str, ...], modules: dict[str, SineReLU], inner: Any, kept: frozenset[types.CodeType]
+    ) -> None:
         self.include = include
         self.modules = modules  # "conv" and "dense": the SineReLU that functional calls after such a layer go to
         self.inner = inner  # an instance-level forward the model had before the swap, or None
+        self.kept = kept  # the code of the forwards of the activation modules the swap left in the model
 
 
 def _install_functional(model: nn.Module, options: SwapOptions) -> None:
     modules = {layer: SineReLU(options.epsilons[layer], options.form) for layer in ("conv", "dense")}
     inner = model.__dict__.get("forward")
-    model._deadneuron_functional = _Functional(options.include, modules, inner)  # type: ignore[assignment]
+    kinds = module_kinds()
+    # Activation modules left in the model are of kinds the swap leaves alone (the others were replaced), and a
+    # functional call in their forward is part of them: ReLUSquared's relu, a hard-swish's relu6.
+    kept = frozenset(type(m).forward.__code__ for m in model.modules() if module_kind(m, kinds) is not None)
+    model._deadneuron_functional = _Functional(options.include, modules, inner, kept)  # type: ignore[assignment]
     # A bound method: `copy.deepcopy` rebinds it to the copy, so copies of the swapped model stay swapped.
     model.forward = types.MethodType(_swapped_forward, model)  # type: ignore[method-assign]
 
@@ -228,7 +237,7 @@ def _install_functional(model: nn.Module, options: SwapOptions) -> None:
 def _swapped_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     config: _Functional = self._deadneuron_functional  # type: ignore[assignment]
     forward = config.inner if config.inner is not None else types.MethodType(type(self).forward, self)
-    with _FunctionalSwap(config.modules, config.include):
+    with _FunctionalSwap(config.modules, config.include, config.kept):
         return forward(*args, **kwargs)
 
 
@@ -236,13 +245,18 @@ class _FunctionalSwap(TorchFunctionMode):
     """Sends functional ReLU calls to SineReLU modules while the swapped model's forward runs.
 
     Calls with `out=` are never the model's activations (SineReLU's own kernels write through `out=`), and
-    activation modules of a swapped kind were all replaced, so no activation is handled twice.
+    activation modules of a swapped kind were all replaced, so no activation is handled twice. Calls made inside an
+    activation module the swap left alone (`kept`: the code of their forwards) are parts of that module and stay:
+    swapping ReLUSquared's relu would make relu(x)**2 a SineReLU(x)**2 that nobody asked for.
     """
 
-    def __init__(self, modules: dict[str, SineReLU], include: tuple[str, ...]) -> None:
+    def __init__(
+        self, modules: dict[str, SineReLU], include: tuple[str, ...], kept: frozenset[types.CodeType]
+    ) -> None:
         super().__init__()
         self.sites = modules
         self.include = include
+        self.kept = kept
         self.last: str | None = None  # "conv" or "dense": the last such function executed
 
     def __torch_function__(
@@ -256,7 +270,7 @@ class _FunctionalSwap(TorchFunctionMode):
         if kwargs.get("out") is not None or not args or not isinstance(args[0], torch.Tensor):
             return func(*args, **kwargs)
         spec = function_spec(func, args, kwargs)
-        if spec is None or spec.kind not in self.include or not args[0].is_floating_point():
+        if spec is None or spec.kind not in self.include or not args[0].is_floating_point() or self._in_kept():
             return func(*args, **kwargs)
         site = self.sites[self.last or "conv"]
         x = args[0]
@@ -266,12 +280,32 @@ class _FunctionalSwap(TorchFunctionMode):
         return site(x)
 
 
+    def _in_kept(self) -> bool:
+        """Whether the call is made (at any depth) by the forward of an activation module left alone: the frames
+        of the model's forward are walked up to the swapped forward that entered this mode."""
+        if not self.kept:
+            return False
+        frame = sys._getframe(2)
+        while frame is not None and frame.f_code is not _SWAPPED_FORWARD:
+            if frame.f_code in self.kept:
+                return True
+            frame = frame.f_back  # type: ignore[assignment]
+        return False
+
+
+_SWAPPED_FORWARD = _swapped_forward.__code__
+
+
 # Graphs from torch.export
 # ---------------------------------------------------------------------------------------
 def _graph_activation_nodes(graph: torch.fx.Graph, include: tuple[str, ...]) -> list[torch.fx.Node]:
+    """The activation nodes of the kinds `include`, but not those inside an activation module of another kind that
+    a scan folds into one site (ReLUSquared's relu, a hard-swish's relu6): the eager swap leaves those modules
+    whole, so the program's swap does too."""
     found = []
+    folded = folded_scope_nodes(graph)
     for node in graph.nodes:
-        if node.op != "call_function" or getattr(node.target, "overloadpacket", None) is None:
+        if node.op != "call_function" or getattr(node.target, "overloadpacket", None) is None or node in folded:
             continue
         spec = function_spec(node.target, tuple(node.args), dict(node.kwargs))
         if spec is not None and spec.kind in include:
