@@ -29,3 +29,11 @@ def last_line(text: str) -> str:
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture
+def timm_loaded(monkeypatch):
+    """timm's activation modules in sys.modules, as `import timm` leaves them (tests/timm_fakes.py)."""
+    from .timm_fakes import register
+
+    register(monkeypatch)

@@ -1,16 +1,14 @@
 """Activation modules of timm are sites, looked up by module and class name in `sys.modules` (never imported).
 
-timm cannot be installed here: it needs torchvision, whose wheels do not load with the pinned CPU torch. So the test
-defines modules with timm's module path, class names and formulas (our own code, not timm's), registers them where
-timm's import would put them, and builds a torchvision-style CNN from them. Their forwards call functional
-activations (`F.relu6`, `F.gelu`) inside: the module is the site and those inner calls must not be sites of their
-own. Dead, dormant and gradient-dead units are forced by construction and checked against plain hooks.
+timm cannot be installed here, so the modules are the suite's own with timm's module path, class names and formulas
+(tests/timm_fakes.py, registered by the `timm_loaded` fixture), built into a torchvision-style CNN. Their forwards
+call functional activations (`F.relu6`, `F.gelu`) inside: the module is the site and those inner calls must not be
+sites of their own. Dead, dormant and gradient-dead units are forced by construction and checked against plain hooks.
 """
 
 from __future__ import annotations
 
 import sys
-import types
 
 import pytest
 
@@ -20,42 +18,7 @@ from torch.nn import functional as F  # noqa: E402
 
 import deadneuron  # noqa: E402
 
-TIMM_MODULE = "timm.layers.activations"
-
-
-class Swish(nn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(x)
-
-
-class HardSwish(nn.Module):
-    def forward(self, x):
-        return x * F.relu6(x + 3.0) / 6.0
-
-
-class HardMish(nn.Module):
-    def forward(self, x):
-        return 0.5 * x * (x + 2.0).clamp(min=0.0, max=2.0)
-
-
-class GELU(nn.Module):
-    def forward(self, x):
-        return F.gelu(x)
-
-
-CLASSES = (Swish, HardSwish, HardMish, GELU)
-
-
-@pytest.fixture
-def timm_loaded(monkeypatch):
-    """What `import timm` leaves in sys.modules, for these four classes."""
-    module = types.ModuleType(TIMM_MODULE)
-    for cls in CLASSES:
-        cls.__module__ = TIMM_MODULE
-        setattr(module, cls.__name__, cls)
-    for name in ("timm", "timm.layers"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setitem(sys.modules, TIMM_MODULE, module)
+from .timm_fakes import GELU, HardMish, HardSwish, Swish  # noqa: E402
 
 
 class Net(nn.Module):
