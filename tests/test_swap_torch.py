@@ -18,6 +18,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import deadneuron  # noqa: E402
+import deadneuron.api  # noqa: E402  (deadneuron.api.swap_file below; `import deadneuron` does not load it)
 from deadneuron import DeadNeuronError  # noqa: E402
 from deadneuron.torch import SineReLU  # noqa: E402
 
