@@ -160,11 +160,21 @@ class Comparison:
 
     @property
     def gradient_ratio(self) -> float | None:
-        """Over all sites: median mean |gradient| of formerly dead units over that of live units, after the swap."""
-        splits = [split for split in (site.gradients() for site in self.sites) if split is not None]
-        if not splits:
-            return None
-        return _ratio(np.concatenate([dead for dead, _ in splits]), np.concatenate([live for _, live in splits]))
+        """Over all swapped sites: the median, over the formerly dead units, of each one's mean |gradient| after the
+        swap divided by the median of the live units of its own site. Each unit is measured against its own site:
+        gradient magnitudes differ between sites by orders of magnitude (1e-8 in Xception's middle blocks, 1e-3
+        near its head), and one pool of all sites' units would set a few dead units of a loud site against the
+        live units of quiet ones (a ratio of 2e4 where every site's own ratio is about 1). With one site this is
+        that site's ratio."""
+        scaled = []
+        for split in (site.gradients() for site in self.sites):
+            if split is None:
+                continue
+            dead, live = split
+            live_median = _median(live)
+            if dead.size and live_median:
+                scaled.append(dead / live_median)
+        return _median(np.concatenate(scaled)) if scaled else None
 
     def verdict(self) -> list[str]:
         """The plain-language reading of the comparison: what was swapped, then what the swap changed there."""
