@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import types
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
@@ -117,6 +118,7 @@ class TorchRun:
             y = y.to(device=device, dtype=dtype if y.is_floating_point() else torch.long)
             if self.labels_input and isinstance(x, dict) and "labels" not in x:
                 x = {**x, "labels": y}  # the program cannot run without them (compare, inspect)
+            x = _decoder_inputs(self.module, x, y)
         if self.keywords is not None and isinstance(x, (torch.Tensor, dict)):
             x = self.keywords.complete(x)  # one tensor is the main keyword; missing keywords follow the example
         if leading(x) == 0:
@@ -168,6 +170,9 @@ class TorchRun:
         except DeadNeuronError:
             raise
         except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:
+            mismatch = _missing_inputs(self.module, x, labels)
+            if mismatch is not None:
+                raise DeadNeuronError(f"the model failed on a batch of {_describe(x)}: {mismatch}") from error
             text = str(error).strip().splitlines()
             raise DeadNeuronError(
                 f"the model failed on a batch of {_describe(x)}: "
@@ -245,11 +250,22 @@ def _vocabulary(module: nn.Module) -> int | None:
 
 
 def _takes_labels(module: nn.Module) -> bool:
-    """Whether `module.forward` has a `labels` parameter (transformers models compute their loss from it)."""
-    try:
-        return "labels" in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return False
+    """Whether `module.forward` has a `labels` parameter (transformers models compute their loss from it). A forward
+    set on the instance that takes any keyword (`deadneuron.swap`'s wrapper of a swapped copy: `*args, **kwargs`)
+    passes them on to the class's forward, whose signature then decides."""
+    forwards = [module.forward]
+    if "forward" in module.__dict__:
+        forwards.append(types.MethodType(type(module).forward, module))
+    for forward in forwards:
+        try:
+            parameters = inspect.signature(forward).parameters
+        except (TypeError, ValueError):
+            return False
+        if "labels" in parameters:
+            return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return False
+    return False
 
 
 def _structure(x: Any, fn: Callable[[Any], Any]) -> Any:
@@ -279,8 +295,62 @@ def _device_dtype(module: nn.Module, fallback: torch.dtype | None) -> tuple[torc
     return torch.device("cpu"), fallback or torch.get_default_dtype()
 
 
+# The keyword inputs of a transformers encoder-decoder's decoder (T5, BART): one of them, or labels, from which
+# the model builds them itself.
+_DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds")
+
+
+def _is_encoder_decoder(module: nn.Module) -> bool:
+    return bool(getattr(getattr(module, "config", None), "is_encoder_decoder", False))
+
+
+def _decoder_inputs(module: nn.Module, x: Any, y: torch.Tensor | None) -> Any:
+    """A labelled batch of keyword inputs for a transformers encoder-decoder with its decoder inputs added, built
+    from the labels by the model's own `prepare_decoder_input_ids_from_labels` (T5's and BART's right shift), as
+    its forward builds them when it is given labels: so a pass without labels (compare's predictions, the probe
+    loss) runs the decoder on the same tokens as the pass with them."""
+    if y is None or not isinstance(x, dict) or any(key in x for key in _DECODER_INPUTS):
+        return x
+    prepare = getattr(module, "prepare_decoder_input_ids_from_labels", None)
+    if not _is_encoder_decoder(module) or prepare is None or y.is_floating_point():
+        return x
+    return {**x, "decoder_input_ids": prepare(labels=y)}
+
+
+def _missing_inputs(module: nn.Module, x: Any, labels: torch.Tensor | None) -> str | None:
+    """What a transformers model's batch lacks, said plainly, or None: its own error names an argument of an inner
+    module ("You must specify exactly one of input_ids or inputs_embeds" from T5's decoder, or from a model given
+    pixel_values)."""
+    main = getattr(module, "main_input_name", None)
+    if getattr(module, "config", None) is None or not isinstance(main, str):
+        return None
+    keys = list(x) if isinstance(x, dict) else [main]  # one tensor is the main input
+    name = type(module).__name__
+    if main not in keys and "inputs_embeds" not in keys:
+        return (
+            f"{name} takes {main} (its main input), which the batch lacks; expected inputs named after the model's "
+            f"keyword arguments ({main}=..., in an .npz or each batch's mapping)"
+        )
+    if _is_encoder_decoder(module) and labels is None and not any(key in keys for key in _DECODER_INPUTS):
+        return (
+            f"{name} is an encoder-decoder model and its decoder got no input; expected decoder_input_ids beside "
+            f"{main} (an .npz array or a batch key of that name), or labels (from which the model builds them), "
+            "which random inputs (--samples) cannot supply"
+        )
+    return None
+
+
 def _guess_sample_shape(module: nn.Module) -> tuple[int, ...] | None:
-    """One sample's shape when the first layer says it (a Linear); None otherwise."""
+    """One sample's shape when the model says it: a transformers image model (main input `pixel_values`) by its
+    config's `num_channels` and `image_size`, else a first layer that is Linear; None otherwise."""
+    config = getattr(module, "config", None)
+    if getattr(module, "main_input_name", None) == "pixel_values":
+        channels, size = getattr(config, "num_channels", None), getattr(config, "image_size", None)
+        if isinstance(size, int):
+            size = (size, size)
+        if isinstance(channels, int) and isinstance(size, (list, tuple)) and len(size) == 2:
+            if all(isinstance(side, int) and side > 0 for side in size) and channels > 0:
+                return (channels, *size)
     for sub in module.modules():
         if isinstance(sub, nn.Linear):
             return (sub.in_features,)
