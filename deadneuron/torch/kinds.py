@@ -54,6 +54,8 @@ ECOSYSTEM_KINDS: dict[str, dict[str, str]] = {
         "MishActivation": "mish",
         "ReLUSquaredActivation": "relu2",
     },
+    # BLOOM's MLP activation: its own module (a tanh GELU in a custom autograd Function), not one of ACT2FN's.
+    "transformers.models.bloom.modeling_bloom": {"BloomGelu": "gelu_tanh"},
     # timm's own modules (its models also use torch's nn.ReLU, nn.SiLU, ...; its PReLU subclasses nn.PReLU). The
     # `_me` variants are the memory-efficient autograd versions of the same formulas; timm before 0.9 kept them
     # under timm.models.layers.
