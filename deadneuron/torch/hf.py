@@ -5,9 +5,12 @@ What is read, and how:
   with the model ("remote code"); it is refused, and `trust_remote_code` is never passed anywhere.
 - The model class is the one named in `architectures`, looked up in transformers' own namespace (a
   `PreTrainedModel` subclass that ships with the installed transformers), and the config class is transformers'
-  own for the config's `model_type`. The model is built from the config (random init), then the weights are
-  copied in from `model.safetensors` or the shards named by `model.safetensors.index.json`, read with
-  `safetensors` (no pickle). `pytorch_model.bin` and other pickled weights are refused.
+  own for the config's `model_type`. The weights are read from `model.safetensors` or the shards named by
+  `model.safetensors.index.json` with `safetensors` (no pickle), then handed to transformers' own
+  `from_pretrained(None, config=..., state_dict=...)`, which builds the model and applies the key renames of
+  its checkpoint conversion mapping (transformers 5 saves ViT's `encoder.layer.0.attention.attention.query` and
+  loads it as `layers.0.attention.q_proj`); no file is read by transformers. `pytorch_model.bin` and other
+  pickled weights are refused.
 - transformers is an optional extra (`pip install 'deadneuron[hf]'`); without it the error says so.
 """
 
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -161,20 +166,43 @@ def load_pretrained(path: str | os.PathLike[str]) -> nn.Module:
     file = os.path.join(path, CONFIG)
     cls = _model_class(transformers, config, file)
     try:
-        model = cls(_config_object(transformers, config, file))
+        config_object = _config_object(transformers, config, file)
     except DeadNeuronError:
         raise
     except Exception as error:  # a config whose values this transformers cannot build
+        raise _unbuildable(transformers, cls, file, error) from error
+    state = _read_weights(files)
+    try:
+        with _transformers_quiet(transformers):
+            model, info = cls.from_pretrained(None, config=config_object, state_dict=state, output_loading_info=True)
+    except RuntimeError as error:  # shape mismatches (ignore_mismatched_sizes is off)
         raise DeadNeuronError(
-            f"transformers could not build {cls.__name__} from {file}: {first_line(error)}; expected a config "
-            f"written by the installed transformers {transformers.__version__} or a compatible one"
+            f"the weights in {path} do not fit its config: {first_line(error)}; expected weights saved with "
+            "this config.json"
         ) from error
-    _load_weights(model, files, path)
+    except Exception as error:
+        raise _unbuildable(transformers, cls, file, error) from error
+    tied = _tied_names(model, set(state))
+    missing = sorted(name for name in info.get("missing_keys", ()) if name not in tied)
+    unexpected = sorted(info.get("unexpected_keys", ()))
+    if missing or unexpected:
+        what = f"missing {_few(missing)}" if missing else f"unexpected {_few(unexpected)}"
+        raise DeadNeuronError(
+            f"the weights in {path} do not match {type(model).__name__} ({what}); expected weights saved by "
+            "save_pretrained from the class named in config.json"
+        )
     model.eval()
-    return model
+    return model  # type: ignore[no-any-return]
 
 
-def _load_weights(model: nn.Module, files: list[str], path: str) -> None:
+def _unbuildable(transformers: Any, cls: Any, file: str, error: Exception) -> DeadNeuronError:
+    return DeadNeuronError(
+        f"transformers could not build {cls.__name__} from {file}: {first_line(error)}; expected a config "
+        f"written by the installed transformers {transformers.__version__} or a compatible one"
+    )
+
+
+def _read_weights(files: list[str]) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -187,21 +215,23 @@ def _load_weights(model: nn.Module, files: list[str], path: str) -> None:
                 f"cannot read {file} as safetensors (corrupt or truncated?): {first_line(error)}; expected the "
                 "weights written by save_pretrained"
             ) from error
+    return state
+
+
+@contextmanager
+def _transformers_quiet(transformers: Any) -> Iterator[None]:
+    """transformers' loading report and progress bar kept off stderr (deadneuron names what is missing itself);
+    its verbosity and progress-bar switch put back afterwards."""
+    logging = transformers.utils.logging
+    verbosity, bar = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
     try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # shape mismatches
-        raise DeadNeuronError(
-            f"the weights in {path} do not fit its config: {first_line(error)}; expected weights saved with "
-            "this config.json"
-        ) from error
-    tied = _tied_names(model, set(state))
-    missing = [name for name in result.missing_keys if name not in tied]
-    if missing or result.unexpected_keys:
-        what = f"missing {_few(missing)}" if missing else f"unexpected {_few(list(result.unexpected_keys))}"
-        raise DeadNeuronError(
-            f"the weights in {path} do not match {type(model).__name__} ({what}); expected weights saved by "
-            "save_pretrained from the class named in config.json"
-        )
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bar:
+            logging.enable_progress_bar()
 
 
 def _tied_names(model: nn.Module, loaded: set[str]) -> set[str]:
