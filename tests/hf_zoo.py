@@ -30,6 +30,8 @@ import torch
 from torch import nn
 
 FAMILIES = ("opt", "gpt2", "bert", "llama")
+# Built the same way, used by tests/test_field_models.py only: BLOOM's MLP activation is its own module (BloomGelu).
+FIELD_FAMILIES = ("bloom",)
 STATES = ("dead", "dormant", "grad_dead")
 VOCAB = 97
 HIDDEN = 32
@@ -57,6 +59,10 @@ FORCED: dict[str, list[dict[str, list[int]]]] = {
         {"dead": [0, 1], "dormant": [0, 1], "grad_dead": [5, 8]},
         {"dead": [3], "dormant": [3], "grad_dead": [7, 10]},
     ],
+    "bloom": [
+        {"dead": [0], "dormant": [0, 2], "grad_dead": [5]},
+        {"dead": [4], "dormant": [4, 6], "grad_dead": [9]},
+    ],
 }
 
 # The FFN activation module of layer `i`, as a dotted path.
@@ -65,6 +71,7 @@ ACTIVATION_PATH = {
     "gpt2": "transformer.h.{i}.mlp.act",
     "bert": "bert.encoder.layer.{i}.intermediate.intermediate_act_fn",
     "llama": "model.layers.{i}.mlp.act_fn",
+    "bloom": "transformer.h.{i}.mlp.gelu_impl",
 }
 
 
@@ -92,7 +99,9 @@ def _config(family: str) -> Any:
             hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, hidden_act="silu", mlp_bias=False, **common,
         )
-    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if family == "bloom":  # the MLP is 4 x hidden wide: hidden 16 gives FFN units
+        return tf.BloomConfig(hidden_size=FFN // 4, n_layer=LAYERS, n_head=4, **common)
+    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES + FIELD_FAMILIES}")
 
 
 def _model_class(family: str) -> Any:
@@ -103,6 +112,7 @@ def _model_class(family: str) -> Any:
         "gpt2": tf.GPT2LMHeadModel,
         "bert": tf.BertForSequenceClassification,
         "llama": tf.LlamaForCausalLM,
+        "bloom": tf.BloomForCausalLM,
     }[family]
 
 
@@ -117,6 +127,9 @@ def _ffn(model: nn.Module, family: str, i: int) -> tuple[nn.Module, nn.Module, n
     if family == "bert":
         block = model.bert.encoder.layer[i]
         return block.intermediate.dense, block.output.dense, None
+    if family == "bloom":
+        mlp = model.transformer.h[i].mlp
+        return mlp.dense_h_to_4h, mlp.dense_4h_to_h, None
     mlp = model.model.layers[i].mlp
     return mlp.gate_proj, mlp.down_proj, mlp.up_proj
 
@@ -153,7 +166,7 @@ def build(family: str, seed: int = 0) -> nn.Module:
                 muted = [u for u in forced["grad_dead"] if u not in dead]
                 _zero_incoming(incoming, muted, 1.0)  # always firing, so gradient-dead only through fc2
                 _zero_outgoing(outgoing, muted)
-            elif family in ("gpt2", "bert"):
+            elif family in ("gpt2", "bert", "bloom"):
                 _zero_incoming(incoming, dead, 0.0)
                 _zero_incoming(incoming, dormant_only, -3.0)
                 _zero_incoming(incoming, forced["grad_dead"], 1.0)
@@ -281,3 +294,8 @@ def same_units(layers: list[dict[str, Any]], expected: list[dict[str, Any]]) -> 
     for layer, want in zip(layers, expected, strict=True):
         for state in STATES:
             assert set(layer[f"{state}_units"]) == want[state], (layer["name"], state)
+
+
+def unit_sets(report: Any) -> list[dict[str, set[int]]]:
+    """Per layer of a Report: its dead, dormant and gradient-dead units as sets, as `reference` gives them."""
+    return [{state: set(getattr(layer, f"{state}_units")) for state in STATES} for layer in report.layers]

@@ -327,10 +327,6 @@ def _reference_sets(model, family):
     return [{state: layer[state] for state in STATES} for layer in zoo.reference(model, family, zoo.batches(family))]
 
 
-def _sets(report):
-    return [{state: set(getattr(layer, f"{state}_units")) for state in STATES} for layer in report.layers]
-
-
 @pytest.fixture(scope="module")
 def bert():
     return zoo.build("bert")
@@ -352,7 +348,7 @@ def test_batches_as_users_hold_them_agree(bert):
     for what, form in forms.items():
         report = deadneuron.scan(bert, form, batch_size=8, loss="ce")
         assert report.samples == 16, what
-        assert _sets(report) == expected, what
+        assert zoo.unit_sets(report) == expected, what
     # keyword inputs with labels: the model's own loss; positional inputs cannot take labels=, so ce from 'auto'
     assert deadneuron.scan(bert, whole, batch_size=8).loss == "model"
     assert deadneuron.scan(bert, forms["((inputs...), labels) pairs"]).loss == "ce"

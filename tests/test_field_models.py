@@ -1,0 +1,319 @@
+"""Models nobody here wrote, tried as a new user would (docs/torch-scan.md, "Models checked"), and what that found:
+BLOOM's MLP activation was no site, a saved ViT directory did not load under transformers 5, a comparison with
+labels lost the model's own loss after the swap, T5 without decoder inputs failed with its decoder's message, and
+the comparison's overall gradient ratio pooled sites whose gradients differ by orders of magnitude.
+
+Every model is random-init from a small config (nothing downloaded), with dead, dormant and gradient-dead units
+forced by construction where the test is about them, and checked against plain hooks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from torch import nn  # noqa: E402
+
+import deadneuron  # noqa: E402
+from deadneuron import DeadNeuronError  # noqa: E402
+from deadneuron.torch.hf import load_pretrained  # noqa: E402
+
+from . import hf_zoo as zoo  # noqa: E402
+from .conftest import last_line, run_cli  # noqa: E402
+
+STATES = zoo.STATES
+
+
+def hook_reference(model: nn.Module, paths: list[str], data: list[dict]) -> list[dict[str, set[int]]]:
+    """Per activation module (by path): dead, dormant and gradient-dead units over `data` (batches with labels,
+    the model's own loss), from a forward pre-hook, a forward hook and a tensor hook; units on the last axis."""
+    modules = dict(model.named_modules())
+    seen: list[dict[str, torch.Tensor]] = [{} for _ in paths]
+
+    def merge(k: int, key: str, value: torch.Tensor) -> None:
+        seen[k][key] = value if key not in seen[k] else seen[k][key] | value
+
+    def on_input(k: int):
+        def hook(module, args):
+            z = args[0]
+            merge(k, "positive", (z.detach().reshape(-1, z.shape[-1]) > 0).any(0))
+            z.register_hook(lambda g: merge(k, "grad", (g.reshape(-1, g.shape[-1]) != 0).any(0)))
+
+        return hook
+
+    def on_output(k: int):
+        def hook(module, args, out):
+            merge(k, "fired", (out.detach().reshape(-1, out.shape[-1]) != 0).any(0))
+
+        return hook
+
+    handles = []
+    try:
+        for k, path in enumerate(paths):
+            handles.append(modules[path].register_forward_pre_hook(on_input(k)))
+            handles.append(modules[path].register_forward_hook(on_output(k)))
+        for batch in data:
+            model(**batch).loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.zero_grad(set_to_none=True)
+    flags = {"dead": "fired", "dormant": "positive", "grad_dead": "grad"}
+    return [
+        {state: set(torch.nonzero(~s[flag]).flatten().tolist()) for state, flag in flags.items()} for s in seen
+    ]
+
+
+# BLOOM: its MLP activation is transformers.models.bloom's own BloomGelu, not an ACT2FN module ---------------------
+@pytest.fixture(scope="module")
+def bloom():
+    return zoo.build("bloom")
+
+
+def test_bloom_gelu_is_a_site_and_finds_the_forced_units(bloom):
+    data = zoo.batches("bloom")
+    expected = zoo.reference(bloom, "bloom", data)
+    for found, forced in zip(expected, zoo.FORCED["bloom"], strict=True):
+        assert all(set(forced[state]) <= found[state] for state in STATES)
+    report = deadneuron.scan(bloom, data)
+    assert [(layer.name, layer.kind) for layer in report.layers] == [
+        ("transformer.h.0.mlp.gelu_impl", "gelu_tanh"),
+        ("transformer.h.1.mlp.gelu_impl", "gelu_tanh"),
+    ]
+    assert zoo.unit_sets(report) == [{state: layer[state] for state in STATES} for layer in expected]
+
+
+# Saved directories that transformers 5 renames on loading (ViT) ------------------------------------------------
+def _vit(seed: int = 0):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.ViTConfig(
+        image_size=16, patch_size=4, num_channels=3, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_labels=3,
+    )
+    model = tf.ViTForImageClassification(config).eval()
+    with torch.no_grad():  # layer 0: units 0, 1 dead (GELU(0) = 0); layer 1: unit 7 gradient-dead (fc2 column 0)
+        model.vit.layers[0].mlp.fc1.weight[[0, 1]] = 0.0
+        model.vit.layers[0].mlp.fc1.bias[[0, 1]] = 0.0
+        model.vit.layers[1].mlp.fc1.bias[7] = 1.0
+        model.vit.layers[1].mlp.fc2.weight[:, 7] = 0.0
+    return model
+
+
+VIT_SITES = ["vit.layers.0.mlp.activation_fn", "vit.layers.1.mlp.activation_fn"]
+
+
+def _pixels(n: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {"pixel_values": torch.randn(n, 3, 16, 16, generator=generator),
+            "labels": torch.randint(0, 3, (n,), generator=generator)}
+
+
+def test_a_saved_vit_directory_loads_through_the_renamed_keys(tmp_path):
+    model = _vit()
+    model.save_pretrained(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as saved:  # transformers 5 saves the old names
+        names = set(saved.keys())
+    if not any(".encoder.layer." in name for name in names):
+        pytest.skip("this transformers saves ViT under its module names: no rename to test")
+    loaded = load_pretrained(tmp_path)
+    pixels = _pixels()["pixel_values"]
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=pixels).logits, model(pixel_values=pixels).logits)
+
+
+@pytest.mark.slow
+def test_cli_scans_a_saved_vit_directory_like_the_hooks(tmp_path):
+    model = _vit()
+    model.save_pretrained(tmp_path / "vit")
+    batch = _pixels(16)
+    np.savez(tmp_path / "pixels.npz", **{key: value.numpy() for key, value in batch.items()})
+    result = run_cli("scan", str(tmp_path / "vit"), "--data", str(tmp_path / "pixels.npz"), "--json", "-")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["loss"] == "model" and [layer["name"] for layer in report["layers"]] == VIT_SITES
+    expected = hook_reference(model, VIT_SITES, [batch])
+    assert {0, 1} <= expected[0]["dead"] and 7 in expected[1]["grad_dead"]
+    zoo.same_units(report["layers"], expected)
+
+
+def test_random_inputs_of_an_image_model_follow_its_config():
+    model = _vit()
+    report = deadneuron.scan(model, samples=4, batch_size=2)
+    assert report.samples == 4 and [layer.name for layer in report.layers] == VIT_SITES
+    assert report.layers[0].dead_units == [0, 1]  # zero rows and bias: dead whatever the pixels
+
+
+# A comparison with labels: the swapped copy computes its own loss too ------------------------------------------
+def _lm_batches(n: int = 16, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+    ids = zoo.token_ids(n)
+    labels = ids.clone()
+    labels[:, ::3] = -100  # positions a masked or causal LM leaves out of its loss
+    return [
+        {"input_ids": ids[i : i + batch_size], "attention_mask": torch.ones_like(ids[i : i + batch_size]),
+         "labels": labels[i : i + batch_size]}
+        for i in range(0, n, batch_size)
+    ]
+
+
+def test_compare_with_token_labels_scans_the_swap_with_its_own_loss():
+    opt = zoo.build("opt")
+    data = _lm_batches()
+    comparison = deadneuron.compare(opt, data)
+    assert comparison.before.loss == comparison.after.loss == "model"
+    paths = [path for path, _ in zoo.activations(opt, "opt")]
+    assert zoo.unit_sets(comparison.before) == hook_reference(opt, paths, data)
+    swapped = deadneuron.swap(opt)
+    assert zoo.unit_sets(comparison.after) == hook_reference(swapped, paths, data)
+    # the forced dead units (zero fc1 rows, bias -1) get a gradient through SineReLU; zero fc2 columns do not
+    assert comparison.before.layers[0].dead_units == [0, 1] and comparison.after.layers[0].dead_units == []
+    assert set(comparison.after.layers[0].grad_dead_units) >= {5}
+
+
+def test_compare_of_a_classifier_with_labels_keeps_the_models_loss():
+    comparison = deadneuron.compare(zoo.build("bert"), zoo.batches("bert"))
+    assert comparison.before.loss == comparison.after.loss == "model"
+
+
+# T5: an encoder-decoder needs decoder inputs or labels ---------------------------------------------------------
+def _t5(seed: int = 0):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.T5Config(
+        vocab_size=zoo.VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        feed_forward_proj="relu", decoder_start_token_id=0, pad_token_id=0,
+    )
+    model = tf.T5ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # bias-free: a zero wi row makes the pre-activation 0 (dead); a zero wo column mutes one
+        model.encoder.block[0].layer[1].DenseReluDense.wi.weight[[2, 3]] = 0.0
+        model.decoder.block[1].layer[2].DenseReluDense.wo.weight[:, 9] = 0.0
+    return model
+
+
+T5_SITES = [
+    "encoder.block.0.layer.1.DenseReluDense.act",
+    "encoder.block.1.layer.1.DenseReluDense.act",
+    "decoder.block.0.layer.2.DenseReluDense.act",
+    "decoder.block.1.layer.2.DenseReluDense.act",
+]
+
+
+def _t5_batch(n: int = 8) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    return {"input_ids": torch.randint(3, zoo.VOCAB, (n, 10), generator=generator),
+            "labels": torch.randint(3, zoo.VOCAB, (n, 6), generator=generator)}
+
+
+def test_t5_with_labels_scans_and_compares_like_the_hooks():
+    model = _t5()
+    batch = _t5_batch()
+    report = deadneuron.scan(model, [batch])
+    assert [layer.name for layer in report.layers] == T5_SITES and report.loss == "model"
+    expected = hook_reference(model, T5_SITES, [batch])
+    assert {2, 3} <= expected[0]["dead"] and 9 in expected[3]["grad_dead"]
+    assert zoo.unit_sets(report) == expected
+    # predictions (no labels passed) run the decoder on the labels shifted right, as the model does itself
+    comparison = deadneuron.compare(model, [batch])
+    assert [entry["kind"] for entry in comparison.to_dict()["swapped"]] == ["relu"] * 4
+    swapped = deadneuron.swap(model)
+    with torch.no_grad():
+        a, b = model(**batch).logits, swapped(**batch).logits
+    assert comparison.agreement == pytest.approx(float((a.argmax(-1) == b.argmax(-1)).double().mean()))
+
+
+def test_t5_without_decoder_inputs_says_what_it_needs():
+    model = _t5()
+    batch = {key: value for key, value in _t5_batch().items() if key != "labels"}
+    with pytest.raises(DeadNeuronError, match="T5ForConditionalGeneration is an encoder-decoder model and its "
+                       "decoder got no input; expected decoder_input_ids beside input_ids"):
+        deadneuron.scan(model, [batch])
+    with pytest.raises(DeadNeuronError, match="encoder-decoder"):
+        deadneuron.scan(model, samples=4)
+    ids = batch["input_ids"]
+    report = deadneuron.scan(model, [{"input_ids": ids, "decoder_input_ids": ids[:, :5]}])
+    assert [layer.name for layer in report.layers] == T5_SITES and report.loss == "probe"
+
+
+def test_inputs_of_another_model_are_named():
+    llama = zoo.build("llama")
+    with pytest.raises(DeadNeuronError, match=r"LlamaForCausalLM takes input_ids \(its main input\), which the "
+                       "batch lacks"):
+        deadneuron.scan(llama, [{"pixel_values": torch.randn(2, 3, 16, 16)}])
+
+
+@pytest.mark.slow
+def test_cli_t5_without_decoder_inputs_exits_2_with_one_line(tmp_path):
+    _t5().save_pretrained(tmp_path / "t5")
+    result = run_cli("scan", str(tmp_path / "t5"), "--samples", "4")
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "encoder-decoder model" in last_line(result.stderr) and "decoder_input_ids" in result.stderr
+
+
+# The overall gradient ratio: every formerly dead unit against the live units of its own site ------------------
+def _two_scales() -> nn.Sequential:
+    """Two ReLU sites whose gradients differ by about 1e4: fc2's weights are 1e-4 (its biases keep act2 alive), so
+    dL/d(act1) is 1e-4 of dL/d(act2). Dead by construction: act1 units 0-3, act2 unit 0 (zero rows, bias -1)."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("fc1", nn.Linear(8, 16))
+    model.add_module("act1", nn.ReLU())
+    model.add_module("fc2", nn.Linear(16, 16))
+    model.add_module("act2", nn.ReLU())
+    model.add_module("out", nn.Linear(16, 3))
+    with torch.no_grad():
+        model.fc1.weight[:4] = 0.0
+        model.fc1.bias[:4] = -1.0
+        model.fc2.weight.mul_(1e-4)
+        model.fc2.bias.uniform_(0.5, 1.0)
+        model.fc2.weight[0] = 0.0
+        model.fc2.bias[0] = -1.0
+    return model.eval()
+
+
+def test_overall_gradient_ratio_measures_each_unit_against_its_own_site():
+    model = _two_scales()
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 8, generator=generator), torch.randint(0, 3, (64,), generator=generator)
+    comparison = deadneuron.compare(model, (x, y), batch_size=16)
+    assert [layer.dead_units for layer in comparison.before.layers] == [[0, 1, 2, 3], [0]]
+    # The reference: mean |dL/dz| per unit of the swapped model under the summed cross-entropy, from tensor hooks.
+    swapped = deadneuron.swap(model)
+    grads: dict[str, list[torch.Tensor]] = {"act1": [], "act2": []}
+
+    def watch(name: str):
+        def hook(module, args) -> None:
+            args[0].register_hook(lambda g: grads[name].append(g.abs()))
+
+        return hook
+
+    handles = [getattr(swapped, name).register_forward_pre_hook(watch(name)) for name in grads]
+    try:
+        for start in range(0, 64, 16):
+            logits = swapped(x[start : start + 16])
+            nn.functional.cross_entropy(logits, y[start : start + 16], reduction="sum").backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    scaled, per_site = [], []
+    for name, dead in (("act1", [0, 1, 2, 3]), ("act2", [0])):
+        mean = torch.cat(grads[name]).mean(0).double().numpy()
+        live = np.delete(mean, dead)
+        scaled.append(mean[dead] / np.median(live))
+        per_site.append(np.median(mean[dead]) / np.median(live))
+    assert [site.gradient_ratio for site in comparison.sites] == pytest.approx(per_site, rel=1e-4)
+    assert comparison.gradient_ratio == pytest.approx(float(np.median(np.concatenate(scaled))), rel=1e-4)
+    # pooling units across the two sites would set act1's dead units against act2's live ones: 1e4 smaller
+    pooled = np.median(np.concatenate([torch.cat(grads["act1"]).mean(0)[:4].numpy(),
+                                       torch.cat(grads["act2"]).mean(0)[:1].numpy()]))
+    assert comparison.gradient_ratio > 100 * pooled / np.median(torch.cat(grads["act2"]).mean(0)[1:].numpy())
+    assert json.loads(comparison.to_json())["formerly_dead_gradient_ratio"] == pytest.approx(comparison.gradient_ratio)
