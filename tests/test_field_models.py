@@ -317,3 +317,18 @@ def test_overall_gradient_ratio_measures_each_unit_against_its_own_site():
                                        torch.cat(grads["act2"]).mean(0)[:1].numpy()]))
     assert comparison.gradient_ratio > 100 * pooled / np.median(torch.cat(grads["act2"]).mean(0)[1:].numpy())
     assert json.loads(comparison.to_json())["formerly_dead_gradient_ratio"] == pytest.approx(comparison.gradient_ratio)
+
+
+# The console at 80 columns: a transformers site path folds, the before -> after counts stay whole -----------------
+def test_comparison_table_on_80_columns_keeps_counts_on_one_line():
+    from deadneuron.report.text import render_text
+
+    comparison = deadneuron.compare(zoo.build("bert"), zoo.batches("bert"))
+    text = render_text(comparison, width=80)
+    lines = text.splitlines()
+    assert all(len(line) <= 80 for line in lines), text
+    rule = next(i for i, line in enumerate(lines) if line.startswith("━"))
+    rows = [line for line in lines[rule + 1 :] if "->" in line]
+    assert len(rows) == zoo.LAYERS + 1, text  # one line of counts per site, and the total
+    assert all(line.count("->") == 3 for line in rows), text
+    assert rows[0].startswith("bert.encoder.layer.") and rows[-1].startswith("total"), text

@@ -244,8 +244,14 @@ def comparison_renderables(comparison: Comparison, units: int | None = UNITS_SHO
     eps = ", ".join(f"{k} {v:g}" for k, v in comparison.epsilon.items())
     yield Text(f"deadneuron: {before.model} ({before.framework}), ReLU -> {comparison.to} ({eps})", style="bold")
     table = _table()
-    for i, column in enumerate(["site", "units", "dead", "dormant", "grad-dead", "dead-unit grad / live"]):
-        table.add_column(column, justify="left" if i == 0 else "right", no_wrap=i == 0)
+    # As in the scan's table, a long site name folds and the counts never do ("11 -> 11" cut into three lines is
+    # unreadable): a transformers path (`roberta.encoder.layer.0.intermediate.intermediate_act_fn`) on 80 columns.
+    # The ratio's header may wrap; its values are short.
+    columns = ["site", "units", "dead", "dormant", "grad-dead", "dead-unit grad / live"]
+    for i, column in enumerate(columns):
+        table.add_column(
+            column, justify="left" if i == 0 else "right", overflow="fold", no_wrap=0 < i < len(columns) - 1
+        )
     for site in comparison.sites:
         b, a = site.before, site.after
         ratio = "-" if site.gradient_ratio is None else f"{site.gradient_ratio:.2g}"
