@@ -156,7 +156,11 @@ def scan(
         warnings = [*run.warnings, *watch.warnings]
         unobserved = list(watch.unobserved)
     if not sites:
-        warnings.append(backend.no_sites)
+        # Sites that ran but could not be read (a mixture of experts' activation) are not "none known".
+        warnings.append(
+            backend.no_sites if not unobserved
+            else f"no activation site could be observed; see the {len(unobserved)} listed as not observed"
+        )
     return Report.build(
         framework=backend.framework,
         model=run.display,

@@ -98,6 +98,7 @@ class SiteWatcher:
         self.unobserved: list[str] = list(unobserved)
         self.warnings: list[str] = []
         self._names = {id(module): name for name, module in model.named_modules()}
+        self._shared: dict[str, str] = {}  # activation modules whose units are not one neuron each: site -> why
         self._handles: list[Any] = []
         self.busy = False  # our own tensor work inside hooks is not the model's
         # True while the model runs outside a watched forward pass (the training monitor between its forward
@@ -116,8 +117,9 @@ class SiteWatcher:
 
     def attach(self) -> None:
         kinds = module_kinds()
+        modules = dict(self.model.named_modules())
         try:
-            for name, module in self.model.named_modules():
+            for name, module in modules.items():
                 if isinstance(module, torch.jit.ScriptModule):
                     self._unobserve(name or type(module).__name__, "TorchScript module: it takes no hooks")
                     continue
@@ -127,6 +129,9 @@ class SiteWatcher:
                 if kind is None:
                     continue
                 site = name or kind
+                shared = _fused_experts(modules.get(name.rpartition(".")[0])) if name else None
+                if shared is not None:
+                    self._shared[site] = shared
                 self._handles.append(module.register_forward_pre_hook(partial(self._module_pre, site, kind)))
                 self._handles.append(module.register_forward_hook(partial(self._module_post, site)))
         except BaseException:
@@ -279,9 +284,11 @@ class SiteWatcher:
     def _module_pre(self, site: str, kind: str, module: nn.Module, args: tuple[Any, ...]) -> None:
         if self.paused:
             return
-        self.depth += 1
+        self.depth += 1  # also for a site not observed: its inner functional calls are not sites either
         token = None
-        if args and isinstance(args[0], torch.Tensor):
+        if site in self._shared:
+            self._unobserve(site, self._shared[site])
+        elif args and isinstance(args[0], torch.Tensor):
             token = self.before(self._call_name(site), kind, args[0], bool(getattr(module, "inplace", False)))
         self._pending.append(token)
 
@@ -315,6 +322,23 @@ class SiteWatcher:
 
     def collect_infos(self) -> list[SiteInfo]:
         return [acc.info for acc in self.accumulators.values()]
+
+
+def _fused_experts(parent: nn.Module | None) -> str | None:
+    """Why the activation module of `parent` has no units of its own, when `parent` holds the weights of many
+    experts in one tensor (a mixture of experts: transformers 5's `MixtralExperts`, `Qwen2MoeExperts`...,
+    `num_experts` and parameters shaped (experts, ...)). Its activation runs on the routed tokens of every expert,
+    at once sorted by expert or once per expert hit, so unit j of one call is a different neuron in each expert,
+    and the rows are tokens in routing order, not samples. None for any other parent."""
+    experts = getattr(parent, "num_experts", None)
+    if parent is None or not isinstance(experts, int) or experts < 2:
+        return None
+    if not any(p.ndim >= 3 and p.shape[0] == experts for p in parent.parameters(recurse=False)):
+        return None
+    return (
+        f"the activation of {experts} fused experts: it runs on the tokens routed to each expert, so its unit j is "
+        "a different neuron in each expert and its rows are not samples"
+    )
 
 
 def _grad_hook(acc: SiteAccumulator, valid: int, tokens: int | None, grad: torch.Tensor) -> None:
