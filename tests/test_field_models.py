@@ -332,3 +332,50 @@ def test_comparison_table_on_80_columns_keeps_counts_on_one_line():
     assert len(rows) == zoo.LAYERS + 1, text  # one line of counts per site, and the total
     assert all(line.count("->") == 3 for line in rows), text
     assert rows[0].startswith("bert.encoder.layer.") and rows[-1].startswith("total"), text
+
+
+# Mixtures of experts: the fused experts' activation has no units of its own ----------------------------------
+def _qwen2_moe(seed: int = 0):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.Qwen2MoeConfig(
+        vocab_size=zoo.VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=4, num_experts_per_tok=2,
+    )
+    model = tf.Qwen2MoeForCausalLM(config).eval()
+    with torch.no_grad():  # the shared expert is a plain gated MLP: zero gate rows are dead, a zero down column mutes
+        for layer in model.model.layers:
+            layer.mlp.shared_expert.gate_proj.weight[[0, 1]] = 0.0
+            layer.mlp.shared_expert.down_proj.weight[:, 5] = 0.0
+    return model
+
+
+def test_fused_experts_are_not_observed_and_the_shared_expert_is_a_site():
+    model = _qwen2_moe()
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.ndim == 3  # transformers' fused layout: one tensor for all experts
+    data = _lm_batches()
+    report = deadneuron.scan(model, data)
+    shared = [f"model.layers.{i}.mlp.shared_expert.act_fn" for i in range(2)]
+    assert [layer.name for layer in report.layers] == shared
+    assert [entry.split(" (")[0] for entry in report.unobserved] == [
+        f"model.layers.{i}.mlp.experts.act_fn" for i in range(2)
+    ]
+    assert "unit j is a different neuron in each expert" in report.unobserved[0]
+    expected = hook_reference(model, shared, data)
+    assert all({0, 1} <= layer["dead"] and 5 in layer["grad_dead"] for layer in expected)
+    assert zoo.unit_sets(report) == expected
+
+
+def test_a_model_of_fused_experts_alone_says_its_sites_were_not_observed():
+    import transformers as tf
+
+    config = tf.MixtralConfig(
+        vocab_size=zoo.VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+    )
+    report = deadneuron.scan(tf.MixtralForCausalLM(config).eval(), [{"input_ids": zoo.token_ids(4)}])
+    assert report.layers == [] and len(report.unobserved) == 1
+    assert report.warnings == ["no activation site could be observed; see the 1 listed as not observed"]
