@@ -178,6 +178,15 @@ def test_compare_with_token_labels_scans_the_swap_with_its_own_loss():
     assert set(comparison.after.layers[0].grad_dead_units) >= {5}
 
 
+def test_fine_tuning_with_token_labels_trains_on_the_models_own_loss():
+    opt = zoo.build("opt")
+    comparison = deadneuron.compare(opt, _lm_batches(), finetune_steps=2)
+    revival = comparison.revival
+    assert revival is not None and revival["formerly_dead"] == comparison.before.dead >= 3
+    # a ReLU unit with zero incoming weights and bias -1 gets no gradient, so Adam never moves it: none revives
+    assert revival["revived_relu"] == 0
+
+
 def test_compare_of_a_classifier_with_labels_keeps_the_models_loss():
     comparison = deadneuron.compare(zoo.build("bert"), zoo.batches("bert"))
     assert comparison.before.loss == comparison.after.loss == "model"

@@ -92,7 +92,8 @@ def _finetuned(
 ) -> Any:
     stream = training_batches(run, data, labels, options, tune.steps)
     first = next(stream)
-    loss: ResolvedLoss = resolve_loss(options.loss, True, run.integer(first.y))
+    # a model that computes its own loss from labels (transformers) trains on it, as its scans take it
+    loss: ResolvedLoss = resolve_loss(options.loss, True, run.integer(first.y), run.own_loss(first))
     return backend.train(model, chain([first], stream), loss=loss, lr=tune.lr, seed=options.seed)
 
 
