@@ -252,6 +252,15 @@ def test_t5_without_decoder_inputs_says_what_it_needs():
     assert [layer.name for layer in report.layers] == T5_SITES and report.loss == "probe"
 
 
+def test_labels_a_model_refuses_are_named_with_what_it_takes():
+    bert = zoo.build("bert")
+    batch = {**zoo.batches("bert")[0]}
+    batch["labels"] = batch["labels"] + zoo.NUM_LABELS
+    with pytest.raises(DeadNeuronError, match=r"with labels it accepts \(class indices in \[0, 3\) for its "
+                       r"classification head\)"):
+        deadneuron.scan(bert, [batch])
+
+
 def test_inputs_of_another_model_are_named():
     llama = zoo.build("llama")
     with pytest.raises(DeadNeuronError, match=r"LlamaForCausalLM takes input_ids \(its main input\), which the "

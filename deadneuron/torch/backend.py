@@ -174,10 +174,12 @@ class TorchRun:
             if mismatch is not None:
                 raise DeadNeuronError(f"the model failed on a batch of {_describe(x)}: {mismatch}") from error
             text = str(error).strip().splitlines()
+            expected = _expected_input(self)
+            if labels is not None:  # the model computed its own loss: its labels may be what it refused
+                expected += f" with labels it accepts ({_expected_labels(self.module)})"
             raise DeadNeuronError(
                 f"the model failed on a batch of {_describe(x)}: "
-                f"{text[0] if text else type(error).__name__}; {_expected_input(self)}; check the data or "
-                "--input-shape"
+                f"{text[0] if text else type(error).__name__}; {expected}; check the data or --input-shape"
             ) from error
 
 
@@ -315,6 +317,19 @@ def _decoder_inputs(module: nn.Module, x: Any, y: torch.Tensor | None) -> Any:
     if not _is_encoder_decoder(module) or prepare is None or y.is_floating_point():
         return x
     return {**x, "decoder_input_ids": prepare(labels=y)}
+
+
+def _expected_labels(module: nn.Module) -> str:
+    """The labels a transformers model computes its loss from, as its config says."""
+    config = getattr(module, "config", None)
+    classes = getattr(config, "num_labels", None)
+    vocabulary = getattr(config, "vocab_size", None)
+    kinds = []
+    if isinstance(classes, int) and type(module).__name__.endswith("ForSequenceClassification"):
+        kinds.append(f"class indices in [0, {classes}) for its classification head")
+    elif isinstance(vocabulary, int):
+        kinds.append(f"token ids in [0, {vocabulary}), -100 where no loss is taken")
+    return "; ".join(kinds) or "as its own loss takes them"
 
 
 def _missing_inputs(module: nn.Module, x: Any, labels: torch.Tensor | None) -> str | None:
