@@ -73,10 +73,10 @@ def test_each_written_out_module_is_one_site_as_in_the_eager_scan():
     torch.testing.assert_close(module(x), program.module()(x))
 
 
-def _named(cls):
-    """Recorded by torch.export under the name of transformers' SiLUActivation (the name alone is what a graph scan
-    sees), while written in ops no scan can read as one activation."""
-    cls.__module__, cls.__qualname__ = "transformers.activations", "SiLUActivation"
+def _named(cls, name="SiLUActivation"):
+    """Recorded by torch.export under the name of one of transformers' activations (the name alone is what a graph
+    scan sees), while written in ops no scan can read as one activation."""
+    cls.__module__, cls.__qualname__ = "transformers.activations", name
     return cls
 
 
@@ -103,7 +103,19 @@ class _Overwrites(nn.Module):
         return x * torch.sigmoid(x)
 
 
-@pytest.mark.parametrize("activation", [_Scaled, _Summed, _Overwrites])
+class _ScaledSquare(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(WIDTH))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # reads its parameter; its relu is not its input to output
+        return torch.relu(x) ** 2 * self.scale
+
+
+_named(_ScaledSquare, "ReLUSquaredActivation")
+
+
+@pytest.mark.parametrize("activation", [_Scaled, _Summed, _Overwrites, _ScaledSquare])
 def test_a_scope_that_is_not_one_activation_stays_not_observed(activation):
     model = nn.Sequential(nn.Linear(8, WIDTH), activation(), nn.Linear(1 if activation is _Summed else WIDTH, 2))
     x = torch.randn(8, 8)
@@ -114,6 +126,19 @@ def test_a_scope_that_is_not_one_activation_stays_not_observed(activation):
     assert report.layers == []
     assert [entry.split(" ")[0] for entry in report.unobserved] == ["1"]
     assert "decomposed into primitive ops" in report.unobserved[0]
+
+
+def test_a_relu_inside_a_scope_that_does_not_fold_is_no_site_and_is_not_swapped():
+    model = nn.Sequential(nn.Linear(8, WIDTH), _ScaledSquare(), nn.Linear(WIDTH, 2)).eval()
+    x = torch.randn(8, 8)
+    program = torch.export.export(model, (x,))
+    assert _inner_ops(program, "1") == ["aten.relu.default"]
+    report = deadneuron.scan(program, x)
+    assert report.layers == [] and report.unobserved == ["1 (relu2 module decomposed into primitive ops in the "
+                                                         "exported graph)"]
+    swapped = deadneuron.swap(program)
+    assert _inner_ops(swapped, "1") == ["aten.relu.default"]
+    assert torch.equal(swapped.module()(x), program.module()(x))
 
 
 # Activation modules with an activation op inside that is not theirs from input to output
@@ -269,3 +294,23 @@ def test_the_eager_swap_leaves_the_relu_inside_a_module_of_another_kind():
     assert torch.equal(deadneuron.swap(model, include=INCLUDE)(x), model(x))
     comparison = deadneuron.compare(model, x, include=INCLUDE)
     assert comparison.output_drift == 0.0 and comparison.swapped == []
+
+
+def test_a_program_in_core_aten_ops_scans_and_swaps_as_the_eager_model():
+    # run_decompositions writes nn.Hardswish as add, clamp(min=0), clamp(max=6), mul, div: the clamp(min=0) is a
+    # relu op whose input is x + 3; nn.Mish as exp, log1p, where, tanh, mul
+    model = nn.Sequential(nn.Linear(8, WIDTH), nn.Hardswish(), nn.Linear(WIDTH, WIDTH), nn.Mish(),
+                          nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, 3)).eval()
+    with torch.no_grad():
+        model[0].weight[2], model[0].bias[2] = 0.0, -5.0  # hard-swish(-5) = 0: dead
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(3))
+    program = torch.export.export(model, (x[:8],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    program = program.run_decompositions()
+    assert _inner_ops(program, "1") == ["aten.clamp.default"]
+    eager, report = deadneuron.scan(model, x, batch_size=8), deadneuron.scan(program, x, batch_size=8)
+    assert [(s.name, s.kind) for s in report.layers] == [("1", "hardswish"), ("3", "mish"), ("5", "relu")]
+    assert _full(report) == _full(eager) and report.layers[0].dead_units == [2]
+    before, after = (deadneuron.compare(m, x, batch_size=8).to_dict() for m in (model, program))
+    assert after["swapped"] == before["swapped"] == [{"site": "5", "kind": "relu", "to": "sinerelu"}]
+    assert after["left_alone"] == before["left_alone"]
+    assert _inner_ops(deadneuron.swap(program), "1") == ["aten.clamp.default"]

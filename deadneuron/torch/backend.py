@@ -68,7 +68,7 @@ class TorchRun:
     module: nn.Module
     display: str
     probe: Callable[[int], Probe] = batch_probe
-    graph_names: list[str] | None = None
+    graph_names: list[str | None] | None = None  # sites.graph_sites
     unobserved: list[str] = field(default_factory=list)
     example_shape: tuple[int, ...] | None = None  # one sample's shape
     example_dtype: torch.dtype | None = None

@@ -30,7 +30,7 @@ from .kinds import (
 from .sinerelu import SineReLU
 
 __all__ = [
-    "activation_entry", "decompose", "fold", "fold_activation_scopes", "fold_sinerelu", "folded_scope_nodes",
+    "activation_entry", "decompose", "fold", "fold_activation_scopes", "fold_sinerelu", "module_parts",
     "swapped_site_name",
     "without_activation_entry",
 ]
@@ -199,10 +199,32 @@ def fold_activation_scopes(graph_module: torch.fx.GraphModule) -> int:
     return _recompiled(graph_module, folded)
 
 
-def folded_scope_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
-    """The nodes of the scopes `fold_activation_scopes` folds: a swap leaves them alone (activation ops among them
-    are parts of a module of another kind, which a swap of the eager model leaves alone too)."""
-    return {node for scope in _scopes(graph) if _foldable(scope) is not None for node in scope}
+def module_parts(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """The nodes of activation modules' scopes that are parts of the module rather than sites of their own: every
+    node of a scope that `fold_activation_scopes` folds, and in a scope that it cannot fold, every node but an
+    activation op from the scope's input to its output. A swap leaves them alone, as a swap of the eager model leaves
+    such a module whole (ReLUSquared's relu, a hard-swish's relu6 or clamp(min=0)); a scan takes no activation op
+    among them for a site (the module is listed as not observed when its scope does not fold)."""
+    parts: set[torch.fx.Node] = set()
+    for scope in _scopes(graph):
+        if _foldable(scope) is not None:
+            parts.update(scope)
+        else:
+            inside = set(scope)
+            parts.update(node for node in scope if not _whole(node, inside))
+    return parts
+
+
+def _whole(node: torch.fx.Node, inside: set[torch.fx.Node]) -> bool:
+    """Whether `node` is an activation op that is its module's whole computation: it reads a tensor from outside the
+    scope and the graph reads its result outside the scope (`nn.ReLU`'s relu, `GELUActivation`'s gelu)."""
+    return (
+        bool(node.args)
+        and isinstance(node.args[0], torch.fx.Node)
+        and node.args[0] not in inside
+        and any(user not in inside for user in node.users)
+        and function_spec(node.target, tuple(node.args), dict(node.kwargs)) is not None
+    )
 
 
 def _scopes(graph: torch.fx.Graph) -> list[list[torch.fx.Node]]:
@@ -237,7 +259,7 @@ def _foldable(scope: list[torch.fx.Node]) -> tuple[torch.fx.Node, torch.fx.Node,
     if len(inputs) != 1 or len(outputs) != 1 or inputs[0].op == "get_attr":
         return None
     x, out = inputs[0], outputs[0]
-    if out.args and out.args[0] is x and function_spec(out.target, tuple(out.args), dict(out.kwargs)) is not None:
+    if _whole(out, inside):
         return None  # one activation op from the module's input to its output: that op is the site already
     inplace = False
     for node in scope:

@@ -33,7 +33,7 @@ from ..core.kinds import repeated_site_name
 from ..errors import DeadNeuronError
 from ..report import SiteInfo
 from .accumulate import Scratch, SiteAccumulator
-from .decomposed import swapped_site_name
+from .decomposed import module_parts, swapped_site_name
 from .kinds import (
     call_name,
     default_unit_axis,
@@ -74,7 +74,8 @@ class SiteWatcher:
     """Hooks every activation site of `model`; `remove()` (also via `with`) takes every hook off and may run twice.
 
     `graph_names`: for a graph module from torch.export, the names of its activation nodes in graph order (the
-    k-th activation op executed is the k-th node).
+    k-th activation op executed is the k-th node); None for a node that is part of an activation module's scope
+    rather than a site (`graph_sites`).
     """
 
     def __init__(
@@ -85,7 +86,7 @@ class SiteWatcher:
         gtol: float,
         unit_axis: int | None,
         gradients: bool,
-        graph_names: Sequence[str] | None = None,
+        graph_names: Sequence[str | None] | None = None,
         unobserved: Sequence[str] = (),
     ) -> None:
         self.model = model
@@ -300,7 +301,8 @@ class SiteWatcher:
         self.after(token, output)
 
     # functional calls -------------------------------------------------------------------------------------------
-    def functional_name(self, label: str) -> str:
+    def functional_name(self, label: str) -> str | None:
+        """The site name of a functional call; None when the call is no site (part of an activation module)."""
         if self.graph_names is not None and self.graph_index < len(self.graph_names):
             name = self.graph_names[self.graph_index]
             self.graph_index += 1
@@ -386,19 +388,24 @@ class _FunctionalSites(TorchFunctionMode):
         spec = function_spec(func, args, kwargs)
         if spec is None or not args or not isinstance(args[0], torch.Tensor):
             return func(*args, **kwargs)
-        token = watcher.before(
-            watcher.functional_name(spec.label), spec.kind, args[0], is_inplace(spec, args, kwargs)
-        )
+        name = watcher.functional_name(spec.label)
+        if name is None:
+            return func(*args, **kwargs)
+        token = watcher.before(name, spec.kind, args[0], is_inplace(spec, args, kwargs))
         out = func(*args, **kwargs)
         watcher.after(token, out)
         return out
 
 
 # torch.export graphs --------------------------------------------------------------------------------------------
-def graph_sites(graph_module: torch.fx.GraphModule) -> tuple[list[str], list[str]]:
-    """Names of the activation nodes of an exported graph in execution order, and what cannot be observed."""
+def graph_sites(graph_module: torch.fx.GraphModule) -> tuple[list[str | None], list[str]]:
+    """Names of the activation nodes of an exported graph in execution order, and what cannot be observed.
+
+    An activation node that is part of an activation module's scope (`decomposed.module_parts`: the relu of a
+    ReLUSquared whose scope did not fold) gets None, no site: the module is listed as not observed instead."""
     by_class = module_kinds_by_name()
-    names: list[str] = []
+    parts = module_parts(graph_module.graph)
+    names: list[str | None] = []
     counts: Counter[str] = Counter()
     activation_paths: dict[str, str] = {}  # path of an activation module -> its class name
     seen_paths: set[str] = set()
@@ -423,6 +430,9 @@ def graph_sites(graph_module: torch.fx.GraphModule) -> tuple[list[str], list[str
         args = tuple(node.args)
         spec = function_spec(node.target, args, dict(node.kwargs))
         if spec is None:
+            continue
+        if node in parts:
+            names.append(None)
             continue
         path, cls = entries[-1] if entries else ("", "")
         cls_name = (

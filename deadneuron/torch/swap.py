@@ -44,7 +44,7 @@ from torch.overrides import TorchFunctionMode
 from ..core.options import SwapKeywords, SwapOptions
 from ..core.swap import nearest, write_then_rename
 from ..errors import DeadNeuronError
-from .decomposed import activation_entry, decompose, fold, folded_scope_nodes, without_activation_entry
+from .decomposed import activation_entry, decompose, fold, module_parts, without_activation_entry
 from .kinds import function_spec, is_inplace, layer_of, module_kind, module_kinds
 from .sinerelu import SineReLU
 
@@ -299,13 +299,13 @@ _SWAPPED_FORWARD = _swapped_forward.__code__
 # Graphs from torch.export
 # ---------------------------------------------------------------------------------------
 def _graph_activation_nodes(graph: torch.fx.Graph, include: tuple[str, ...]) -> list[torch.fx.Node]:
-    """The activation nodes of the kinds `include`, but not those inside an activation module of another kind that
-    a scan folds into one site (ReLUSquared's relu, a hard-swish's relu6): the eager swap leaves those modules
+    """The activation nodes of the kinds `include`, but not those that are parts of an activation module of another
+    kind (ReLUSquared's relu, a hard-swish's relu6, `decomposed.module_parts`): the eager swap leaves those modules
     whole, so the program's swap does too."""
     found = []
-    folded = folded_scope_nodes(graph)
+    parts = module_parts(graph)
     for node in graph.nodes:
-        if node.op != "call_function" or getattr(node.target, "overloadpacket", None) is None or node in folded:
+        if node.op != "call_function" or getattr(node.target, "overloadpacket", None) is None or node in parts:
             continue
         spec = function_spec(node.target, tuple(node.args), dict(node.kwargs))
         if spec is not None and spec.kind in include:
