@@ -319,6 +319,17 @@ def _decoder_inputs(module: nn.Module, x: Any, y: torch.Tensor | None) -> Any:
     return {**x, "decoder_input_ids": prepare(labels=y)}
 
 
+def _real_tokens(x: Any, n: int) -> torch.Tensor | None:
+    """(N, L) True at the real tokens of a batch of keyword inputs whose `attention_mask` pads some sequences; None
+    when nothing is padded. Padding tokens are no positions of a token site (design.md): a unit that fires only on
+    padding is dead on the data."""
+    mask = x.get("attention_mask") if isinstance(x, dict) else None
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or int(mask.shape[0]) != n:
+        return None
+    real = mask != 0
+    return None if bool(real.all()) else real
+
+
 def _expected_labels(module: nn.Module) -> str:
     """The labels a transformers model computes its loss from, as its config says."""
     config = getattr(module, "config", None)
@@ -450,9 +461,10 @@ class TorchWatch:
     def step(self, batch: Batch) -> None:
         x, y, valid = batch.x, batch.y, batch.valid
         n = leading(x)
+        real = _real_tokens(x, n)
         first, self.first = self.first, False
         if self.loss == "none":
-            with torch.no_grad(), self.watcher.forward(n, valid):
+            with torch.no_grad(), self.watcher.forward(n, valid, real):
                 self.run.forward(x)
             return
         module = self.run.module
@@ -471,7 +483,7 @@ class TorchWatch:
                 # inputs are left out: their gradient would cost the first layer's backward-data pass.)
                 leaf = x.detach().requires_grad_(True)
                 x = leaf.clone()  # the model may write into its input in place; a leaf would refuse that
-            with self.watcher.forward(n, valid):
+            with self.watcher.forward(n, valid, real):
                 out = self.run.forward(x, labels=y if self.loss == "model" else None)
             objective = task_loss(self.loss, out, y, valid, self.probe, first)
             inputs = ([leaf] if leaf is not None else []) + params

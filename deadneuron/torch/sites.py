@@ -56,18 +56,23 @@ _UNOBSERVED = -1  # `SiteWatcher._tokens`: the site's layout is not one a scan c
 
 
 class _Token:
-    __slots__ = ("acc", "output_grad", "valid", "tokens")
+    __slots__ = ("acc", "output_grad", "valid", "tokens", "real")
 
-    def __init__(self, acc: SiteAccumulator, output_grad: bool, valid: int, tokens: int | None) -> None:
+    def __init__(
+        self, acc: SiteAccumulator, output_grad: bool, valid: int, tokens: int | None, real: torch.Tensor | None
+    ) -> None:
         self.acc = acc
         self.output_grad = output_grad
         self.valid = valid
         self.tokens = tokens  # rows per sample of a folded (N*L, D) activation, None when axis 0 is the batch
+        self.real = real  # (N, L, 1) True at real tokens of an (N, L, D) site of a padded batch; None: all real
 
 
-def unfold(t: torch.Tensor, tokens: int | None) -> torch.Tensor:
-    """A folded (N*L, D) activation as (N, L, D): rows are batch-major, as `x.reshape(-1, D)` of (N, L, D) gives."""
-    return t if tokens is None else t.unflatten(0, (-1, tokens))
+def unfold(t: torch.Tensor, tokens: int | None, real: torch.Tensor | None = None) -> torch.Tensor:
+    """A folded (N*L, D) activation as (N, L, D): rows are batch-major, as `x.reshape(-1, D)` of (N, L, D) gives;
+    with `real`, padding tokens set to 0, which no statistic counts (not fired, not positive, no gradient)."""
+    t = t if tokens is None else t.unflatten(0, (-1, tokens))
+    return t if real is None else t.masked_fill(~real, 0)
 
 
 class SiteWatcher:
@@ -143,9 +148,10 @@ class SiteWatcher:
         while self._handles:
             self._handles.pop().remove()
 
-    def _begin(self, n: int | None, valid: int) -> None:
+    def _begin(self, n: int | None, valid: int, real: torch.Tensor | None = None) -> None:
         self.n = n
         self.valid = valid
+        self.real = real  # (N, L) bool: the batch's attention mask when it pads some sequences
         self.calls: Counter[str] = Counter()
         self.depth = 0  # > 0 while inside an activation module's forward
         self.layout: str | None = None  # what shaped the latest tensor: conv-like or linear-like
@@ -153,12 +159,13 @@ class SiteWatcher:
         self._pending: list[_Token | None] = []
 
     @contextmanager
-    def forward(self, n: int | None, valid: int) -> Iterator[None]:
+    def forward(self, n: int | None, valid: int, real: torch.Tensor | None = None) -> Iterator[None]:
         """Watch one forward pass of a batch of `n` samples of which the first `valid` are real (the rest pad).
 
         `n=None`: the batch size is unknown (a training step whose batch the watcher did not see); every sample
-        of each site's tensor counts."""
-        self._begin(n, valid)
+        of each site's tensor counts. `real`: (N, L) True at the real tokens of a padded batch of sequences (its
+        attention mask); a token site of that (N, L) shape counts those positions only."""
+        self._begin(n, valid, real)
         with _FunctionalSites(self):
             yield
 
@@ -219,6 +226,13 @@ class SiteWatcher:
         )
         return _UNOBSERVED
 
+    def _real(self, acc: SiteAccumulator, z: torch.Tensor) -> torch.Tensor | None:
+        """(N, L, 1) real-token flags for a site (N, L, D) with units on the last axis, in a padded batch."""
+        real = self.real
+        if real is None or z.ndim != 3 or acc.info.unit_axis != 2 or tuple(z.shape[:2]) != tuple(real.shape):
+            return None
+        return real.to(z.device).unsqueeze(-1)
+
     def _before(self, name: str, kind: str, z: torch.Tensor, inplace: bool) -> _Token | None:
         tokens = self._tokens(name, z)
         if tokens == _UNOBSERVED:
@@ -227,7 +241,8 @@ class SiteWatcher:
         acc = self.accumulators.get(name)
         if acc is None:
             acc = self._new_site(name, kind, unfold(z, tokens), tokens is not None)
-        acc.pre(unfold(z, tokens), valid)
+        real = self._real(acc, unfold(z, tokens))
+        acc.pre(unfold(z, tokens, real), valid)
         output_grad = False
         if self.gradients:
             if not z.requires_grad:
@@ -243,9 +258,9 @@ class SiteWatcher:
                 else:
                     self._warn(f"gradient of {name} not observed: an in-place {kind} on a view")
             else:
-                z.register_hook(partial(_grad_hook, acc, valid, tokens))
+                z.register_hook(partial(_grad_hook, acc, valid, tokens, real))
                 acc.grad_samples += valid
-        return _Token(acc, output_grad, valid, tokens)
+        return _Token(acc, output_grad, valid, tokens, real)
 
     def after(self, token: _Token | None, out: Any) -> None:
         if token is None or not isinstance(out, torch.Tensor):
@@ -258,7 +273,7 @@ class SiteWatcher:
             self.busy = False
 
     def _after(self, token: _Token, out: torch.Tensor) -> None:
-        token.acc.post(unfold(out, token.tokens), token.valid)
+        token.acc.post(unfold(out, token.tokens, token.real), token.valid)
         if token.output_grad:
             # The gradient reaches the modified region through the view's base, whether the model goes on
             # with the base or with the view: hook the base and cut the view's region out of its gradient.
@@ -270,6 +285,7 @@ class SiteWatcher:
                         token.acc,
                         token.valid,
                         token.tokens,
+                        token.real,
                         out,
                         int(out.storage_offset() - base.storage_offset()),
                     )
@@ -343,17 +359,25 @@ def _fused_experts(parent: nn.Module | None) -> str | None:
     )
 
 
-def _grad_hook(acc: SiteAccumulator, valid: int, tokens: int | None, grad: torch.Tensor) -> None:
+def _grad_hook(
+    acc: SiteAccumulator, valid: int, tokens: int | None, real: torch.Tensor | None, grad: torch.Tensor
+) -> None:
     with torch.no_grad():
-        acc.grad(unfold(grad, tokens), valid)
+        acc.grad(unfold(grad, tokens, real), valid)
 
 
 def _view_grad_hook(
-    acc: SiteAccumulator, valid: int, tokens: int | None, out: torch.Tensor, offset: int, grad: torch.Tensor
+    acc: SiteAccumulator,
+    valid: int,
+    tokens: int | None,
+    real: torch.Tensor | None,
+    out: torch.Tensor,
+    offset: int,
+    grad: torch.Tensor,
 ) -> None:
     with torch.no_grad():
         region = grad.contiguous().as_strided(out.size(), out.stride(), offset)
-        acc.grad(unfold(region * _OUTPUT_DERIVATIVE[acc.info.kind](out), tokens), valid)
+        acc.grad(unfold(region * _OUTPUT_DERIVATIVE[acc.info.kind](out), tokens, real), valid)
 
 
 def _own_ops() -> Any:
