@@ -397,3 +397,74 @@ def test_a_model_of_fused_experts_alone_says_its_sites_were_not_observed():
     report = deadneuron.scan(tf.MixtralForCausalLM(config).eval(), [{"input_ids": zoo.token_ids(4)}])
     assert report.layers == [] and len(report.unobserved) == 1
     assert report.warnings == ["no activation site could be observed; see the 1 listed as not observed"]
+
+
+# Padded batches: padding tokens (attention_mask 0) are no positions ----------------------------------------------
+class PadFiring(nn.Module):
+    """Token ids -> embedding -> fc1 -> ReLU -> masked mean -> 3 classes. By construction unit 0 fires on the
+    padding token (id 0, embedding [1, 0, 0, 0]) and on no real token (their first coordinate is -1); unit 1 has
+    zero incoming weights and bias -1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(10, 4)
+        self.fc1 = nn.Linear(4, 8)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(8, 3)
+        with torch.no_grad():
+            self.embed.weight[0] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+            self.embed.weight[1:, 0] = -1.0
+            self.fc1.weight[0] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+            self.fc1.bias[0] = 0.0
+            self.fc1.weight[1] = 0.0
+            self.fc1.bias[1] = -1.0
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc1(self.embed(input_ids)))
+        mask = attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.fc2((h * mask).sum(1) / mask.sum(1))
+
+
+def _padded(n: int = 8, length: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 10, (n, length), generator=generator)
+    lengths = torch.randint(3, length + 1, (n,), generator=generator)
+    lengths[0] = length  # one sequence unpadded
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    return ids * mask, mask  # padding token 0 after each sequence
+
+
+def test_a_unit_that_fires_only_on_padding_is_dead():
+    model = PadFiring().eval()
+    ids, mask = _padded()
+    report = deadneuron.scan(model, [{"input_ids": ids, "attention_mask": mask}])
+    # the reference: the pre-activation and the output at real tokens only, from plain hooks
+    seen = {}
+    model.act.register_forward_hook(lambda module, args, out: seen.update(z=args[0].detach(), a=out.detach()))
+    with torch.no_grad():
+        model(ids, mask)
+    real = mask.bool()
+    assert (seen["a"][~real][:, 0] > 0).all()  # unit 0 fires on every padding token
+    dead = set(torch.nonzero((seen["a"][real] == 0).all(0)).flatten().tolist())
+    dormant = set(torch.nonzero((seen["z"][real] <= 0).all(0)).flatten().tolist())
+    assert {0, 1} <= dead
+    layer = report.layers[0]
+    assert layer.name == "act" and layer.unit_axis == 2
+    assert set(layer.dead_units) == dead and set(layer.dormant_units) == dormant
+    assert {0, 1} <= set(layer.grad_dead_units)  # a dead ReLU passes no gradient
+
+
+def test_a_padded_batch_scans_like_its_sequences_unpadded():
+    opt = zoo.build("opt")
+    ids, mask = _padded(8, zoo.SEQ)
+    ids = torch.where(mask.bool(), zoo.token_ids(8), 0)  # OPT's pad id 0 after each sequence
+    labels = ids.masked_fill(~mask.bool(), -100)
+    report = deadneuron.scan(opt, [{"input_ids": ids, "attention_mask": mask, "labels": labels}])
+    lengths = mask.sum(1).tolist()
+    alone = [
+        {"input_ids": ids[i : i + 1, :k], "attention_mask": mask[i : i + 1, :k], "labels": labels[i : i + 1, :k]}
+        for i, k in enumerate(lengths)
+    ]
+    paths = [path for path, _ in zoo.activations(opt, "opt")]
+    assert zoo.unit_sets(report) == hook_reference(opt, paths, alone)
