@@ -298,19 +298,24 @@ def test_the_eager_swap_leaves_the_relu_inside_a_module_of_another_kind():
 
 def test_a_program_in_core_aten_ops_scans_and_swaps_as_the_eager_model():
     # run_decompositions writes nn.Hardswish as add, clamp(min=0), clamp(max=6), mul, div: the clamp(min=0) is a
-    # relu op whose input is x + 3; nn.Mish as exp, log1p, where, tanh, mul
-    model = nn.Sequential(nn.Linear(8, WIDTH), nn.Hardswish(), nn.Linear(WIDTH, WIDTH), nn.Mish(),
-                          nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, 3)).eval()
+    # relu op whose input is x + 3; nn.Mish as exp, log1p, where, tanh, mul; nn.SELU as elu(x, alpha, scale)
+    activations = (nn.Hardswish(), nn.Mish(), nn.SELU(), nn.GELU(approximate="tanh"), nn.ReLU())
+    layers = [nn.Linear(8, WIDTH)]
+    for act in activations:
+        layers += [act, nn.Linear(WIDTH, WIDTH if act is not activations[-1] else 3)]
+    model = nn.Sequential(*layers).eval()
     with torch.no_grad():
         model[0].weight[2], model[0].bias[2] = 0.0, -5.0  # hard-swish(-5) = 0: dead
     x = torch.randn(32, 8, generator=torch.Generator().manual_seed(3))
     program = torch.export.export(model, (x[:8],), dynamic_shapes=({0: torch.export.Dim("batch")},))
     program = program.run_decompositions()
-    assert _inner_ops(program, "1") == ["aten.clamp.default"]
+    assert _inner_ops(program, "1") == ["aten.clamp.default"] and _inner_ops(program, "5") == ["aten.elu.default"]
     eager, report = deadneuron.scan(model, x, batch_size=8), deadneuron.scan(program, x, batch_size=8)
-    assert [(s.name, s.kind) for s in report.layers] == [("1", "hardswish"), ("3", "mish"), ("5", "relu")]
+    assert [(s.name, s.kind) for s in report.layers] == [
+        ("1", "hardswish"), ("3", "mish"), ("5", "selu"), ("7", "gelu_tanh"), ("9", "relu")
+    ]
     assert _full(report) == _full(eager) and report.layers[0].dead_units == [2]
     before, after = (deadneuron.compare(m, x, batch_size=8).to_dict() for m in (model, program))
-    assert after["swapped"] == before["swapped"] == [{"site": "5", "kind": "relu", "to": "sinerelu"}]
+    assert after["swapped"] == before["swapped"] == [{"site": "9", "kind": "relu", "to": "sinerelu"}]
     assert after["left_alone"] == before["left_alone"]
     assert _inner_ops(deadneuron.swap(program), "1") == ["aten.clamp.default"]

@@ -7,6 +7,7 @@ with a lower bound of exactly 0 and no upper bound (a ReLU spelled as a clamp), 
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -113,11 +114,12 @@ def module_kinds() -> dict[type[nn.Module], str]:
 
 
 def module_kind(module: nn.Module, kinds: dict[type[nn.Module], str]) -> str | None:
-    """The kind of an activation module (subclasses included), or None."""
+    """The kind of an activation module (subclasses included), or None. `nn.GELU(approximate="tanh")` is
+    `gelu_tanh`, as its op is in an exported graph."""
     for cls in type(module).__mro__:
         kind = kinds.get(cls)
         if kind is not None:
-            return kind
+            return "gelu_tanh" if kind == "gelu" and getattr(module, "approximate", None) == "tanh" else kind
     return None
 
 
@@ -155,6 +157,18 @@ def _clamp_min_is_relu(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
 
 def _gelu_variant(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
     return "gelu_tanh" if kwargs.get("approximate", args[1] if len(args) > 1 else "none") == "tanh" else None
+
+
+# F.selu's constants: a program in core ATen ops writes selu as elu(x, alpha, scale).
+_SELU_ALPHA = 1.6732632423543772
+_SELU_SCALE = 1.0507009873554805
+
+
+def _elu_variant(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    alpha = kwargs.get("alpha", args[1] if len(args) > 1 else 1.0)
+    scale = kwargs.get("scale", args[2] if len(args) > 2 else 1.0)
+    numbers = all(isinstance(v, (int, float)) for v in (alpha, scale))
+    return "selu" if numbers and math.isclose(alpha, _SELU_ALPHA) and math.isclose(scale, _SELU_SCALE) else None
 
 
 def _folded_kind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
@@ -277,7 +291,7 @@ def _aten_specs() -> dict[Any, FunctionSpec]:
     specs: dict[Any, FunctionSpec] = {}
     for op, kind in plain.items():
         label = op.lstrip("_").replace("_kernel", "")
-        variant = _gelu_variant if kind == "gelu" else None
+        variant = {"gelu": _gelu_variant, "elu": _elu_variant}.get(kind)
         specs[getattr(aten, op)] = FunctionSpec(kind, label, variant=variant)
         if hasattr(aten, op + "_"):
             specs[getattr(aten, op + "_")] = FunctionSpec(kind, label, always_inplace=True, variant=variant)
