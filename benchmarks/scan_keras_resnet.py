@@ -16,6 +16,9 @@ the rest (every later batch). Wall and process CPU time (all threads) are both p
 which other processes' load disturbs least. The baseline and the scan alternate within each repeat; the median of
 the repeats is kept. The last row sets the whole scan call against the baseline's warm step over every batch (a
 step traced beforehand): the strictest reading of the target.
+
+`--grappler` adds a third contender to each repeat: the scan with TensorFlow's graph optimiser on, as before
+`deadneuron/keras/graph.py` turned it off for the scan's step on CPU (the A/B behind that choice).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import tensorflow as tf  # noqa: E402
 from scan_keras import baseline_step, clock  # noqa: E402  (benchmarks/scan_keras.py: the same baseline step)
 
 import deadneuron  # noqa: E402
+from deadneuron.keras import graph  # noqa: E402
 
 TARGET = 1.3
 Times = dict[str, tuple[float, float]]  # "first"/"steady"/"whole" -> (wall, cpu) seconds
@@ -60,10 +64,14 @@ def run_baseline(model: keras.Model, batches: list[tf.Tensor]) -> Times:
     return split(start, marks)
 
 
-def run_scan(model: keras.Model, x: np.ndarray, batch_size: int) -> Times:
+def run_scan(model: keras.Model, x: np.ndarray, batch_size: int, grappler: bool = False) -> Times:
     marks: list[tuple[float, float]] = []
+    graph.GRAPPLER_ON_CPU = grappler
     start = clock()
-    deadneuron.scan(model, x, batch_size=batch_size, loss="probe", progress=lambda n: marks.append(clock()))
+    try:
+        deadneuron.scan(model, x, batch_size=batch_size, loss="probe", progress=lambda n: marks.append(clock()))
+    finally:
+        graph.GRAPPLER_ON_CPU = False
     end = clock()
     times = split(start, marks)
     times["whole"] = (end[0] - start[0], end[1] - start[1])  # the report is built after the last batch
@@ -82,6 +90,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--grappler", action="store_true", help="also time the scan with Grappler on (A/B)")
     args = parser.parse_args()
     model = resnet(args.classes)
     x = np.random.default_rng(0).standard_normal((args.samples, 64, 64, 3), dtype=np.float32)
@@ -95,9 +104,12 @@ def main() -> None:
     deadneuron.scan(model, x[: args.batch_size], batch_size=args.batch_size, loss="probe")
     base: list[Times] = []
     scan: list[Times] = []
+    with_grappler: list[Times] = []
     for _ in range(args.repeats):
         base.append(run_baseline(model, batches))
         scan.append(run_scan(model, x, args.batch_size))
+        if args.grappler:
+            with_grappler.append(run_scan(model, x, args.batch_size, grappler=True))
     b, s = median(base), median(scan)
     print("Seconds as wall / CPU (process time, all threads); ratios on CPU time (wall in brackets).")
     print()
@@ -118,6 +130,16 @@ def main() -> None:
         f"{s['whole'][0]:.2f} / {s['whole'][1]:.2f} | {s['whole'][1] / warm[1]:.2f}x "
         f"({s['whole'][0] / warm[0]:.2f}x) | |"
     )
+    if with_grappler:
+        g = median(with_grappler)
+        print()
+        print("| part | scan, Grappler on | scan (Grappler off on CPU) | off / on |")
+        print("| --- | --- | --- | --- |")
+        for key, label in labels.items():
+            print(
+                f"| {label} | {g[key][0]:.2f} / {g[key][1]:.2f} | {s[key][0]:.2f} / {s[key][1]:.2f} | "
+                f"{s[key][1] / g[key][1]:.2f}x ({s[key][0] / g[key][0]:.2f}x) |"
+            )
     print(f"load average after: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 

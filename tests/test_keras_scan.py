@@ -485,3 +485,70 @@ def test_a_site_seen_only_by_the_discovery_pass_adds_no_samples():
     assert first.stats.samples == first.stats.grad_samples == len(x)
     for field in ("fired", "positive", "grad_nonzero", "max_abs", "inactive_sum"):
         np.testing.assert_array_equal(getattr(first.stats, field), getattr(plain_first, field))
+
+
+def test_sites_with_a_folded_first_axis_are_reduced_apart_and_put_back_in_place():
+    """Sites whose first axis is the batch are reduced together (`accumulate.Accumulators.update` joins them along
+    the units); a site between them that runs on (batch*tokens, features) rows is a group of its own, and its
+    columns go back between theirs. Every field of the three sites against a float64 forward and backward written
+    out by hand (MSE loss), and the sample counts: rows for the folded site."""
+    import keras
+    from keras import ops
+
+    @keras.saving.register_keras_serializable("deadneuron_tests")
+    class Fold(keras.layers.Layer):
+        def call(self, x):
+            return ops.reshape(x, (-1, x.shape[-1]))
+
+    @keras.saving.register_keras_serializable("deadneuron_tests")
+    class Unfold(keras.layers.Layer):
+        def call(self, x):
+            return ops.reshape(x, (-1, 4 * x.shape[-1]))
+
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((4, 5))
+    first = keras.layers.Dense(6, activation="relu", name="first")  # (N, 4, 6): batch first
+    folded = keras.layers.Dense(3, activation="relu", name="folded")  # (N*4, 3): token rows first
+    last = keras.layers.Dense(5, activation="relu", name="last")  # (N, 5)
+    out = keras.layers.Dense(2, name="out")
+    outputs = out(last(Unfold()(folded(Fold()(first(inputs))))))
+    model = keras.Model(inputs, outputs)
+    keras_zoo.force_units(first, dead=(0,))
+    keras_zoo.force_units(folded, dead=(1,), positive=True)
+    keras_zoo.force_units(last, dead=(2,), positive=True)
+    keras_zoo.cut_outgoing(out, (3,))
+    n = 40
+    x = np.random.default_rng(2).standard_normal((n, 4, 5)).astype("float32")
+    y = np.random.default_rng(3).standard_normal((n, 2)).astype("float32")
+    report = deadneuron.scan(model, (x, y), batch_size=16)  # 16, 16, 8: a smaller last batch too
+    assert [layer.name for layer in report.layers] == ["first", "folded", "last"]
+
+    names = ("first", "folded", "last", "out")
+    w = {name: [np.asarray(v.numpy(), np.float64) for v in model.get_layer(name).weights] for name in names}
+    z1 = x @ w["first"][0] + w["first"][1]
+    a1 = np.maximum(z1, 0)
+    z2 = a1.reshape(-1, 6) @ w["folded"][0] + w["folded"][1]
+    a2 = np.maximum(z2, 0)
+    z3 = a2.reshape(n, 12) @ w["last"][0] + w["last"][1]
+    a3 = np.maximum(z3, 0)
+    g3 = (2 * (a3 @ w["out"][0] + w["out"][1] - y) @ w["out"][0].T) * (z3 > 0)
+    g2 = (g3 @ w["last"][0].T).reshape(-1, 3) * (z2 > 0)
+    g1 = (g2 @ w["folded"][0].T).reshape(n, 4, 6) * (z1 > 0)
+    # per sample and unit over the positions (the 4 tokens of `first`), as design.md counts them
+    for name, z, a, g, rows in (
+        ("first", z1.max(1), np.abs(a1), np.abs(g1), n),
+        ("folded", z2, np.abs(a2)[:, None], np.abs(g2)[:, None], 4 * n),
+        ("last", z3, np.abs(a3)[:, None], np.abs(g3)[:, None], n),
+    ):
+        stats = report.layer(name).stats
+        assert stats.samples == stats.grad_samples == rows, name
+        np.testing.assert_array_equal(stats.fired, (a.max(1) > 0).sum(0))
+        np.testing.assert_array_equal(stats.positive, (z > 0).sum(0))
+        np.testing.assert_array_equal(stats.grad_nonzero, (g.max(1) > 0).sum(0))
+        np.testing.assert_allclose(stats.max_abs, a.max((0, 1)), rtol=1e-5)
+        np.testing.assert_allclose(stats.inactive_sum, (a == 0).mean(1).sum(0), rtol=1e-6)
+        np.testing.assert_allclose(stats.grad_abs_sum, g.sum((0, 1)), rtol=1e-4, atol=1e-5)
+    assert report.layer("first").dead_units == [0]
+    assert report.layer("folded").dead_units == [1]
+    assert report.layer("last").dead_units == [2]
+    assert 3 in report.layer("last").grad_dead_units

@@ -20,7 +20,7 @@ tracing a step of a deep model (ResNet50: 49 sites) slow.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 import numpy as np
@@ -38,16 +38,38 @@ assert sorted(_ROWS) == sorted(n for n, (_, how) in FIELDS.items() if how == "su
 Record = tuple[str, Any, Any, Any]  # (site name, pre-activation, output, dL/d(pre-activation) or None)
 
 
+class SiteShape(NamedTuple):
+    """A site as the discovery pass found it: `rows` is the length of its first axis there (the batch, or batch
+    times positions when a model folds them), which tells the sites that may be reduced together."""
+
+    info: SiteInfo
+    rank: int
+    positions: int
+    rows: int
+
+
+class Summary(NamedTuple):
+    """One site's batch as (samples, units) summaries; the gradient's are None when no gradient was taken."""
+
+    active: Any  # fraction of the positions firing
+    largest: Any  # max |a|
+    top: Any  # max z
+    grad_max: Any  # max |g|
+    grad_sum: Any  # sum |g|
+    batch: Any  # samples (rows) in the batch
+
+
 class SiteAccumulator:
     """One site: its shape facts, its columns [start, stop) of the shared variables and its counter entry."""
 
-    def __init__(self, info: SiteInfo, rank: int, positions: int, start: int, index: int) -> None:
-        self.info = info
-        self.rank = rank
-        self.positions = positions
+    def __init__(self, found: SiteShape, start: int, index: int) -> None:
+        info = self.info = found.info
+        self.rank = found.rank
+        self.positions = found.positions
+        self.rows = found.rows
         self.start, self.stop, self.index = start, start + info.units, index
         # every axis but the batch (0) and the unit axis: reducing them leaves (samples, units)
-        self.position_axes = tuple(i for i in range(1, rank) if i != info.unit_axis)
+        self.position_axes = tuple(i for i in range(1, self.rank) if i != info.unit_axis)
 
     def _per_sample(self, t: Any, how: str) -> Any:
         """(samples, units) summary of a full activation-shaped tensor over its positions."""
@@ -56,28 +78,18 @@ class SiteAccumulator:
         reduce = {"max": ops.max, "mean": ops.mean, "sum": ops.sum}[how]
         return reduce(t, axis=self.position_axes)
 
-    def reduce(self, z: Any, a: Any, g: Any, atol: float, gtol: float) -> tuple[Any, Any, Any, Any]:
-        """One batch as per-unit numbers: the count rows (4, units), the float sums (2, units), the largest finite
-        |a| (units,), and the batch's sample count."""
+    def summarize(self, z: Any, a: Any, g: Any, atol: float) -> Summary:
+        """One batch as (samples, units) summaries over the positions; what is left is done for many sites at once
+        (`_per_unit`)."""
         z, a = _as_rank(z, self.rank), _as_rank(a, self.rank)
         magnitude = ops.abs(ops.cast(a, "float32"))
         active = self._per_sample(ops.cast(magnitude > atol, "float32"), "mean")  # fraction of positions firing
         largest = self._per_sample(magnitude, "max")
-        finite = ops.isfinite(largest)
         top = self._per_sample(ops.cast(z, "float32"), "max")
-        batch = ops.shape(a)[0]
-        flags = [active > 0, top > 0, ops.logical_not(finite)]
-        if g is None:  # no gradient taken: its count row and sum are zero
-            flags.append(ops.zeros_like(flags[0]))
-            grad_abs = ops.zeros((self.info.units,), "float32")
-        else:
-            g = ops.abs(ops.cast(_as_rank(g, self.rank), "float32"))
-            flags.append(self._per_sample(g, "max") > gtol)
-            grad_abs = ops.sum(self._per_sample(g, "sum"), axis=0)
-        counts = ops.sum(ops.cast(ops.stack(flags), "float32"), axis=1)
-        inactive = ops.cast(batch, "float32") - ops.sum(active, axis=0)  # sum of the fractions at zero
-        largest = ops.max(ops.where(finite, largest, 0.0), axis=0)
-        return counts, ops.stack([inactive, grad_abs]), largest, batch
+        if g is None:
+            return Summary(active, largest, top, None, None, ops.shape(a)[0])
+        g = ops.abs(ops.cast(_as_rank(g, self.rank), "float32"))
+        return Summary(active, largest, top, self._per_sample(g, "max"), self._per_sample(g, "sum"), ops.shape(a)[0])
 
     def stats(self, host: dict[str, np.ndarray]) -> SiteStats:
         """This site's `SiteStats` from the variables' host values (`Accumulators.host`)."""
@@ -99,12 +111,13 @@ class SiteAccumulator:
 class Accumulators:
     """The statistics of every site of one scan, in order of first execution."""
 
-    def __init__(self, sites: Sequence[tuple[SiteInfo, int, int]]) -> None:
+    def __init__(self, sites: Sequence[SiteShape]) -> None:
         self.by_name: dict[str, SiteAccumulator] = {}
         start = 0
-        for index, (info, rank, positions) in enumerate(sites):
-            self.by_name[info.name] = SiteAccumulator(info, rank, positions, start, index)
-            start += info.units
+        for index, found in enumerate(sites):
+            self.by_name[found.info.name] = SiteAccumulator(found, start, index)
+            start += found.info.units
+        self.units = start
 
         def variable(shape: tuple[int, ...], dtype: str, name: str) -> Any:
             return keras.Variable(np.zeros(shape, dtype), trainable=False, name=f"deadneuron_{name}")
@@ -115,32 +128,48 @@ class Accumulators:
         self.grad_samples = variable((len(sites),), "int64", "grad_samples")
 
     def update(self, records: Sequence[Record], atol: float, gtol: float) -> None:
-        """Add one batch: every recorded site that is watched; a site that did not run adds nothing."""
-        reduced = {
-            name: (g is not None, self.by_name[name].reduce(z, a, g, atol, gtol))
-            for name, z, a, g in records
-            if name in self.by_name
-        }
-        if not reduced:
+        """Add one batch: every recorded site that is watched; a site that did not run adds nothing.
+
+        Sites whose first axis is the same (the batch, almost always) are joined along the units after the positions
+        are reduced, and their per-unit numbers are computed once for the group: a traced step then holds about a
+        dozen operations per site instead of forty (ResNet50: 0.41 s of tracing went to these reductions)."""
+        groups: dict[tuple[Any, ...], list[tuple[SiteAccumulator, Summary]]] = {}
+        for name, z, a, g in records:
+            site = self.by_name.get(name)
+            if site is None:
+                continue
+            summary = site.summarize(z, a, g, atol)
+            static = a.shape[0] if len(a.shape) else None
+            key = (static if static is not None else ("rows", site.rows), g is not None)
+            groups.setdefault(key, []).append((site, summary))
+        if not groups:
             return
-        counts, sums, largest, batches, graded = [], [], [], [], []
-        for name, site in self.by_name.items():
-            if name in reduced:
-                has_grad, (count, total, high, batch) = reduced[name]
-            else:
-                has_grad, units = False, site.info.units
-                count, total = ops.zeros((len(_COUNT_ROWS), units)), ops.zeros((2, units))
-                high, batch = ops.zeros((units,)), 0
-            counts.append(count)
-            sums.append(total)
-            largest.append(high)
-            batches.append(ops.cast(batch, "int64"))
-            graded.append(batches[-1] if has_grad else ops.cast(0, "int64"))
-        table = ops.concatenate([ops.concatenate(counts, axis=1), ops.concatenate(sums, axis=1)], axis=0)
+        blocks: list[tuple[Any, Any, Any]] = []  # (count rows, sum rows, largest) per group, columns in `order`
+        order: list[SiteAccumulator] = []
+        batches: dict[str, tuple[Any, Any]] = {}  # site name -> (samples, samples with a gradient)
+        for members in groups.values():
+            blocks.append(_per_unit([summary for _, summary in members], gtol))
+            batch = ops.cast(members[0][1].batch, "int64")
+            graded = batch if members[0][1].grad_max is not None else ops.zeros((), "int64")
+            for site, _ in members:
+                order.append(site)
+                batches[site.info.name] = (batch, graded)
+        missing = [site for site in self.by_name.values() if site.info.name not in batches]
+        if missing:  # sites that did not run in this trace: zero columns
+            width = sum(site.info.units for site in missing)
+            blocks.append((ops.zeros((len(_COUNT_ROWS), width)), ops.zeros((2, width)), ops.zeros((width,))))
+            order.extend(missing)
+        counts, sums, largest = (_join([block[i] for block in blocks], axis=-1) for i in range(3))
+        table = ops.concatenate([counts, sums], axis=0)
+        columns = [c for site in order for c in range(site.start, site.stop)]
+        if columns != list(range(self.units)):  # groups out of site order: put the columns back in place
+            place = np.argsort(np.asarray(columns, dtype=np.int64))
+            table, largest = ops.take(table, place, axis=1), ops.take(largest, place, axis=0)
+        zero = ops.zeros((), "int64")
         self.sums.assign_add(ops.cast(table, "float64"))
-        self.max_abs.assign(ops.maximum(self.max_abs, ops.cast(ops.concatenate(largest), "float64")))
-        self.samples.assign_add(ops.stack(batches))
-        self.grad_samples.assign_add(ops.stack(graded))
+        self.max_abs.assign(ops.maximum(self.max_abs, ops.cast(largest, "float64")))
+        self.samples.assign_add(ops.stack([batches.get(name, (zero, zero))[0] for name in self.by_name]))
+        self.grad_samples.assign_add(ops.stack([batches.get(name, (zero, zero))[1] for name in self.by_name]))
 
     def sites(self) -> list[SiteAccumulator]:
         return list(self.by_name.values())
@@ -148,6 +177,28 @@ class Accumulators:
     def host(self) -> dict[str, np.ndarray]:
         """Every variable as a numpy array, one transfer each."""
         return {name: _host(getattr(self, name)) for name in ("sums", "max_abs", "samples", "grad_samples")}
+
+
+def _join(parts: list[Any], axis: int) -> Any:
+    return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=axis)
+
+
+def _per_unit(summaries: list[Summary], gtol: float) -> tuple[Any, Any, Any]:
+    """Sites that share their first axis, joined along the units: the count rows (4, units), the float sums
+    (2, units) and the largest finite |a| (units,) of the batch."""
+    active, largest, top = (_join([getattr(s, f) for s in summaries], axis=1) for f in ("active", "largest", "top"))
+    finite = ops.isfinite(largest)
+    flags = [active > 0, top > 0, ops.logical_not(finite)]
+    if summaries[0].grad_max is None:  # no gradient taken: its count row and sum are zero
+        flags.append(ops.zeros_like(flags[0]))
+        grad_abs = ops.zeros(ops.shape(active)[1:], "float32")
+    else:
+        flags.append(_join([s.grad_max for s in summaries], axis=1) > gtol)
+        grad_abs = ops.sum(_join([s.grad_sum for s in summaries], axis=1), axis=0)
+    counts = ops.sum(ops.cast(ops.stack(flags), "float32"), axis=1)
+    inactive = ops.cast(summaries[0].batch, "float32") - ops.sum(active, axis=0)  # sum of the fractions at zero
+    largest = ops.max(ops.where(finite, largest, 0.0), axis=0)
+    return counts, ops.stack([inactive, grad_abs]), largest
 
 
 def _host(variable: Any) -> np.ndarray:

@@ -30,8 +30,9 @@ from ..core.plan import Batch, Shape
 from ..core.stats import SiteStats
 from ..errors import DeadNeuronError
 from ..report import SiteInfo
-from .accumulate import Accumulators, SiteAccumulator
+from .accumulate import Accumulators, SiteAccumulator, SiteShape
 from .feed import SOURCE, check_shapes, sample_shapes
+from .graph import step_options
 from .loading import load_model
 from .sites import Recorder, Watch, output_activation, survey
 from .swap import copy_model, swap_file, swap_model
@@ -153,8 +154,8 @@ def _unit_axis(rank: int, channels_first: bool, override: int | None, name: str)
 
 def discover(
     model: Any, batch: Batch, recorder: Recorder, unit_axis: int | None
-) -> tuple[list[tuple[SiteInfo, int, int]], Any]:
-    """Sites in order of first execution as (SiteInfo, rank, positions), and the outputs, from one eager pass."""
+) -> tuple[list[SiteShape], Any]:
+    """Sites in order of first execution, with their shapes, and the outputs, from one eager pass."""
     recorder.begin()
     x = keras.tree.map_structure(lambda t: t[:2], batch.x)
     try:
@@ -178,7 +179,8 @@ def discover(
         axis = _unit_axis(rank, candidate.channels_first, unit_axis, name)
         units = shape[axis]
         positions = int(np.prod(shape[1:], dtype=np.int64)) // max(units, 1)
-        found.append((SiteInfo(name=name, kind=candidate.kind, units=units, unit_axis=axis), rank, positions))
+        info = SiteInfo(name=name, kind=candidate.kind, units=units, unit_axis=axis)
+        found.append(SiteShape(info, rank, positions, rows=shape[0]))
     recorder.clear()
     return found, outputs
 
@@ -229,6 +231,7 @@ def _tensorflow_step(watch: KerasWatch) -> Callable[[Any, Any], None]:
         return t
 
     traced_once = False
+    options = step_options()
 
     def run(x: Any, y: Any) -> None:
         # Trace once for any batch size: a last, smaller batch then reuses the step (a retrace of a deep model costs
@@ -242,7 +245,8 @@ def _tensorflow_step(watch: KerasWatch) -> Callable[[Any, Any], None]:
             except Exception:
                 recorder.clear()
                 traced = tf.function(step, autograph=False)
-        traced(x, y)
+        with options():
+            traced(x, y)
 
     return run
 
@@ -368,7 +372,7 @@ class KerasWatch:
         self,
         run: KerasRun,
         recorder: Recorder,
-        sites: list[tuple[SiteInfo, int, int]],
+        sites: list[SiteShape],
         outputs: Any,
         loss: ResolvedLoss,
         options: ScanOptions,
