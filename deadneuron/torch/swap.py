@@ -214,12 +214,15 @@ class _Functional:
     """
 
     def __init__(
-        self, include: tuple[str, ...], modules: dict[str, SineReLU], inner: Any, kept: frozenset[types.CodeType]
+        self, include: tuple[str, ...], modules: dict[str, SineReLU], inner: Any, kept: tuple[types.CodeType, ...]
     ) -> None:
         self.include = include
         self.modules = modules  # "conv" and "dense": the SineReLU that functional calls after such a layer go to
         self.inner = inner  # an instance-level forward the model had before the swap, or None
-        self.kept = kept  # the code of the forwards of the activation modules the swap left in the model
+        # The code of the forwards of the activation modules the swap left in the model, and their ids: a frame's
+        # code is looked up by id (hashing a code object costs ~0.5 us, and every frame of the stack is looked up).
+        self.kept = kept
+        self.kept_ids = frozenset(map(id, kept))
 
 
 def _install_functional(model: nn.Module, options: SwapOptions) -> None:
@@ -228,7 +231,7 @@ def _install_functional(model: nn.Module, options: SwapOptions) -> None:
     kinds = module_kinds()
     # Activation modules left in the model are of kinds the swap leaves alone (the others were replaced), and a
     # functional call in their forward is part of them: ReLUSquared's relu, a hard-swish's relu6.
-    kept = frozenset(type(m).forward.__code__ for m in model.modules() if module_kind(m, kinds) is not None)
+    kept = tuple({type(m).forward.__code__ for m in model.modules() if module_kind(m, kinds) is not None})
     model._deadneuron_functional = _Functional(options.include, modules, inner, kept)  # type: ignore[assignment]
     # A bound method: `copy.deepcopy` rebinds it to the copy, so copies of the swapped model stay swapped.
     model.forward = types.MethodType(_swapped_forward, model)  # type: ignore[method-assign]
@@ -237,7 +240,7 @@ def _install_functional(model: nn.Module, options: SwapOptions) -> None:
 def _swapped_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     config: _Functional = self._deadneuron_functional  # type: ignore[assignment]
     forward = config.inner if config.inner is not None else types.MethodType(type(self).forward, self)
-    with _FunctionalSwap(config.modules, config.include, config.kept):
+    with _FunctionalSwap(config.modules, config.include, config.kept_ids):
         return forward(*args, **kwargs)
 
 
@@ -246,13 +249,11 @@ class _FunctionalSwap(TorchFunctionMode):
 
     Calls with `out=` are never the model's activations (SineReLU's own kernels write through `out=`), and
     activation modules of a swapped kind were all replaced, so no activation is handled twice. Calls made inside an
-    activation module the swap left alone (`kept`: the code of their forwards) are parts of that module and stay:
+    activation module the swap left alone (`kept`: the ids of their forwards' code) are parts of that module and stay:
     swapping ReLUSquared's relu would make relu(x)**2 a SineReLU(x)**2 that nobody asked for.
     """
 
-    def __init__(
-        self, modules: dict[str, SineReLU], include: tuple[str, ...], kept: frozenset[types.CodeType]
-    ) -> None:
+    def __init__(self, modules: dict[str, SineReLU], include: tuple[str, ...], kept: frozenset[int]) -> None:
         super().__init__()
         self.sites = modules
         self.include = include
@@ -279,7 +280,6 @@ class _FunctionalSwap(TorchFunctionMode):
             return x.copy_(site(x.clone()))
         return site(x)
 
-
     def _in_kept(self) -> bool:
         """Whether the call is made (at any depth) by the forward of an activation module left alone: the frames
         of the model's forward are walked up to the swapped forward that entered this mode."""
@@ -287,7 +287,7 @@ class _FunctionalSwap(TorchFunctionMode):
             return False
         frame = sys._getframe(2)
         while frame is not None and frame.f_code is not _SWAPPED_FORWARD:
-            if frame.f_code in self.kept:
+            if id(frame.f_code) in self.kept:
                 return True
             frame = frame.f_back  # type: ignore[assignment]
         return False
