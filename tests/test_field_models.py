@@ -453,6 +453,10 @@ def test_a_unit_that_fires_only_on_padding_is_dead():
     assert layer.name == "act" and layer.unit_axis == 2
     assert set(layer.dead_units) == dead and set(layer.dormant_units) == dormant
     assert {0, 1} <= set(layer.grad_dead_units)  # a dead ReLU passes no gradient
+    # the inactive fraction of each sample is over its real tokens: padding is neither firing nor at zero
+    fractions = torch.stack([(seen["a"][i][real[i]] == 0).double().mean(0) for i in range(len(ids))])
+    assert layer.inactive_rate == pytest.approx(float(fractions.mean()), rel=1e-9)
+    np.testing.assert_allclose(layer.stats.inactive_sum, fractions.sum(0).numpy(), rtol=1e-6)
 
 
 def test_a_padded_batch_scans_like_its_sequences_unpadded():

@@ -125,9 +125,11 @@ class SiteAccumulator:
         positive = view.amax(dim)[:valid] > 0
         self.fields["positive"] += positive.sum(0)
 
-    def post(self, a: torch.Tensor, valid: int) -> None:
+    def post(self, a: torch.Tensor, valid: int, real: torch.Tensor | None = None) -> None:
         """The output of a batch: fired, max |a|, non-finite, per-sample inactive fraction.
 
+        `real`: (N, L, 1) True at the real tokens of an (N, L, D) site of a padded batch, whose padding `a` holds as
+        0; a sample's inactive fraction is then taken over its real tokens (a sample of padding only adds 0).
         Every op here costs a dispatch (a few microseconds) that a small model's step feels, so each per-sample
         quantity is computed once and reused."""
         self._check(a)
@@ -143,7 +145,8 @@ class SiteAccumulator:
                 ones.abs_()
         else:
             torch.abs(view, out=ones).gt_(self.atol)
-        zeros = positions - ones.sum(dim)[:valid]  # zero positions per (sample, unit); NaN where non-finite
+        counted: Any = positions if real is None else real.sum(1)[:valid].clamp_(min=1).to(ones.dtype)
+        zeros = counted - ones.sum(dim)[:valid]  # zero positions per (sample, unit); NaN where non-finite
         nonfinite = peak.lt(_INF).logical_not_()  # peak >= 0: NaN and +inf fail `< inf` (2x faster than isfinite)
         f = self.fields
         fired = (peak > self.atol).sum(0)
@@ -157,7 +160,10 @@ class SiteAccumulator:
         f["nonfinite"] += nonfinite.sum(0)
         wide = f["max_abs"].dtype
         torch.maximum(f["max_abs"], peak.masked_fill(nonfinite, 0).amax(0).to(wide), out=f["max_abs"])
-        f["inactive_sum"] += zeros.masked_fill_(nonfinite, 0).sum(0, dtype=wide).div_(positions)
+        if real is None:
+            f["inactive_sum"] += zeros.masked_fill_(nonfinite, 0).sum(0, dtype=wide).div_(positions)
+        else:
+            f["inactive_sum"] += zeros.masked_fill_(nonfinite, 0).to(wide).div_(counted.to(wide)).sum(0)
         self.samples += valid
         self.positions = positions
 

@@ -273,7 +273,7 @@ class SiteWatcher:
             self.busy = False
 
     def _after(self, token: _Token, out: torch.Tensor) -> None:
-        token.acc.post(unfold(out, token.tokens, token.real), token.valid)
+        token.acc.post(unfold(out, token.tokens, token.real), token.valid, token.real)
         if token.output_grad:
             # The gradient reaches the modified region through the view's base, whether the model goes on
             # with the base or with the view: hook the base and cut the view's region out of its gradient.
