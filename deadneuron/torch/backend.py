@@ -119,6 +119,8 @@ class TorchRun:
             if self.labels_input and isinstance(x, dict) and "labels" not in x:
                 x = {**x, "labels": y}  # the program cannot run without them (compare, inspect)
             x = _decoder_inputs(self.module, x, y)
+        elif _is_encoder_decoder(self.module):
+            x = self._teacher_forced(x)
         if self.keywords is not None and isinstance(x, (torch.Tensor, dict)):
             x = self.keywords.complete(x)  # one tensor is the main keyword; missing keywords follow the example
         if leading(x) == 0:
@@ -128,6 +130,29 @@ class TorchRun:
             return
         for xs, ys, valid in cut(x, y, self.static_batch):
             yield Batch(xs, ys, valid)
+
+    def _teacher_forced(self, x: Any) -> Any:
+        """Token ids without decoder inputs or labels for a transformers encoder-decoder (random inputs, `inspect`,
+        an .npz of input_ids): its decoder cannot run without input, so it reads the same tokens shifted right (the
+        model's own `prepare_decoder_input_ids_from_labels`), and the report says so."""
+        prepare = getattr(self.module, "prepare_decoder_input_ids_from_labels", None)
+        main = getattr(self.module, "main_input_name", None)
+        inputs = x if isinstance(x, dict) else {main: x}
+        ids = inputs.get(main) if isinstance(main, str) else None
+        if (
+            prepare is None
+            or not isinstance(ids, torch.Tensor)
+            or ids.is_floating_point()
+            or any(key in inputs for key in (*_DECODER_INPUTS, "labels"))
+        ):
+            return x
+        note = (
+            f"{type(self.module).__name__} is an encoder-decoder and the data held token ids only: its decoder read "
+            f"the same tokens shifted right; pass decoder_input_ids or labels beside {main} for your own targets"
+        )
+        if note not in self.warnings:
+            self.warnings.append(note)
+        return {**inputs, "decoder_input_ids": prepare(labels=ids)}
 
     @contextmanager
     def watch(self, options: ScanOptions, loss: ResolvedLoss, first: Batch) -> Iterator[TorchWatch]:
