@@ -271,5 +271,5 @@ def comparison_renderables(comparison: Comparison, units: int | None = UNITS_SHO
         yield Text(line)
     for line in comparison.verdict():
         yield Text(line)
-    for warning in comparison.before.warnings + comparison.after.warnings:
+    for warning in dict.fromkeys(comparison.before.warnings + comparison.after.warnings):  # each once, in order
         yield Text(f"warning: {warning}", style="bold yellow")

@@ -166,7 +166,8 @@ def load_pretrained(path: str | os.PathLike[str]) -> nn.Module:
     file = os.path.join(path, CONFIG)
     cls = _model_class(transformers, config, file)
     try:
-        config_object = _config_object(transformers, config, file)
+        with _transformers_quiet(transformers):  # its config checks log warnings (a bos id past the vocabulary)
+            config_object = _config_object(transformers, config, file)
     except DeadNeuronError:
         raise
     except Exception as error:  # a config whose values this transformers cannot build
@@ -220,8 +221,8 @@ def _read_weights(files: list[str]) -> dict[str, torch.Tensor]:
 
 @contextmanager
 def _transformers_quiet(transformers: Any) -> Iterator[None]:
-    """transformers' loading report and progress bar kept off stderr (deadneuron names what is missing itself);
-    its verbosity and progress-bar switch put back afterwards."""
+    """transformers' config warnings, loading report and progress bar kept off stderr (deadneuron names what is
+    missing itself, and a user error is one line); its verbosity and progress-bar switch put back afterwards."""
     logging = transformers.utils.logging
     verbosity, bar = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
