@@ -239,17 +239,40 @@ def test_t5_with_labels_scans_and_compares_like_the_hooks():
     assert comparison.agreement == pytest.approx(float((a.argmax(-1) == b.argmax(-1)).double().mean()))
 
 
-def test_t5_without_decoder_inputs_says_what_it_needs():
+def test_t5_given_token_ids_alone_reads_them_shifted_right_and_says_so():
     model = _t5()
-    batch = {key: value for key, value in _t5_batch().items() if key != "labels"}
-    with pytest.raises(DeadNeuronError, match="T5ForConditionalGeneration is an encoder-decoder model and its "
-                       "decoder got no input; expected decoder_input_ids beside input_ids"):
-        deadneuron.scan(model, [batch])
-    with pytest.raises(DeadNeuronError, match="encoder-decoder"):
-        deadneuron.scan(model, samples=4)
+    batch = _t5_batch()
+    report = deadneuron.scan(model, [{"input_ids": batch["input_ids"]}])
+    assert [layer.name for layer in report.layers] == T5_SITES and report.loss == "probe"
+    assert any("its decoder read the same tokens shifted right" in warning for warning in report.warnings)
+    # the same decoder input as the model builds from labels equal to the input ids
+    expected = hook_reference(model, T5_SITES, [{"input_ids": batch["input_ids"], "labels": batch["input_ids"]}])
+    for layer, want in zip(report.layers, expected, strict=True):
+        assert set(layer.dead_units) == want["dead"] and set(layer.dormant_units) == want["dormant"]
+    assert {2, 3} <= set(report.layers[0].dead_units)
+    assert len(deadneuron.scan(model, samples=4).layers) == 4  # random token ids too
     ids = batch["input_ids"]
     report = deadneuron.scan(model, [{"input_ids": ids, "decoder_input_ids": ids[:, :5]}])
-    assert [layer.name for layer in report.layers] == T5_SITES and report.loss == "probe"
+    assert report.warnings == []
+
+
+def _whisper():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.WhisperConfig(
+        vocab_size=zoo.VOCAB, num_mel_bins=8, d_model=32, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        max_source_positions=16, max_target_positions=16, decoder_start_token_id=1, pad_token_id=0,
+    )
+    return tf.WhisperForConditionalGeneration(config).eval()
+
+
+def test_an_encoder_decoder_without_decoder_input_says_what_it_needs():
+    features = torch.randn(2, 8, 32)
+    with pytest.raises(DeadNeuronError, match="WhisperForConditionalGeneration is an encoder-decoder model and its "
+                       "decoder got no input; expected decoder_input_ids beside input_features"):
+        deadneuron.scan(_whisper(), [{"input_features": features}])
 
 
 def test_labels_a_model_refuses_are_named_with_what_it_takes():
@@ -269,9 +292,14 @@ def test_inputs_of_another_model_are_named():
 
 
 @pytest.mark.slow
-def test_cli_t5_without_decoder_inputs_exits_2_with_one_line(tmp_path):
+def test_cli_encoder_decoders_inspect_and_refuse_in_one_line(tmp_path):
     _t5().save_pretrained(tmp_path / "t5")
-    result = run_cli("scan", str(tmp_path / "t5"), "--samples", "4")
+    result = run_cli("inspect", str(tmp_path / "t5"))
+    assert result.returncode == 0, result.stderr
+    assert all(site in result.stdout for site in T5_SITES)
+    _whisper().save_pretrained(tmp_path / "whisper")
+    np.savez(tmp_path / "features.npz", input_features=np.zeros((2, 8, 32), np.float32))
+    result = run_cli("scan", str(tmp_path / "whisper"), "--data", str(tmp_path / "features.npz"))
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "encoder-decoder model" in last_line(result.stderr) and "decoder_input_ids" in result.stderr
