@@ -351,6 +351,9 @@ def _real_tokens(x: Any, n: int) -> torch.Tensor | None:
     mask = x.get("attention_mask") if isinstance(x, dict) else None
     if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or int(mask.shape[0]) != n:
         return None
+    if any(key in x for key in _DECODER_INPUTS):
+        # an encoder-decoder: its decoder's sites may have the encoder's length without its padding
+        return None
     real = mask != 0
     return None if bool(real.all()) else real
 
