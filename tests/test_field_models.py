@@ -500,3 +500,46 @@ def test_a_padded_batch_scans_like_its_sequences_unpadded():
     ]
     paths = [path for path, _ in zoo.activations(opt, "opt")]
     assert zoo.unit_sets(report) == hook_reference(opt, paths, alone)
+    # and the largest |output| per unit is that of the real tokens: padding is no position
+    largest = [torch.zeros(zoo.FFN) for _ in paths]
+
+    def track(k: int):
+        def hook(module, args, out) -> None:
+            largest[k] = torch.maximum(largest[k], out.detach().abs().amax(0))
+
+        return hook
+
+    handles = [module.register_forward_hook(track(k)) for k, (_, module) in enumerate(zoo.activations(opt, "opt"))]
+    try:
+        with torch.no_grad():
+            for batch in alone:
+                opt(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer, want in zip(report.layers, largest, strict=True):
+        assert layer.stats is not None
+        np.testing.assert_allclose(layer.stats.max_abs, want.double().numpy(), rtol=1e-5)
+
+
+def test_an_encoder_decoder_batch_is_not_masked_by_the_encoders_padding():
+    # decoder inputs as long as the encoder's: the encoder's attention mask must not cut the decoder's positions
+    model = _t5()
+    ids, mask = _padded(8, 10)
+    batch = {"input_ids": torch.where(mask.bool(), ids, 0), "attention_mask": mask, "decoder_input_ids": ids}
+    report = deadneuron.scan(model, [batch], loss="none")
+    seen = {}
+    handle = dict(model.named_modules())[T5_SITES[2]].register_forward_hook(
+        lambda module, args, out: seen.update(a=out.detach())
+    )
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        handle.remove()
+    # the decoder site over every position, padding included: its largest |output| per unit and its dead units
+    decoder = report.layers[2]
+    assert decoder.stats is not None
+    np.testing.assert_allclose(decoder.stats.max_abs, seen["a"].abs().amax((0, 1)).double().numpy(), rtol=1e-6)
+    fired_anywhere = (seen["a"] != 0).any(0).any(0)
+    assert set(decoder.dead_units) == set(torch.nonzero(~fired_anywhere).flatten().tolist())
