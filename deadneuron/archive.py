@@ -35,11 +35,42 @@ def name_problem(name: str) -> str | None:
     return None
 
 
+# Python's zip reader holds the whole central directory in memory, and an object of several hundred bytes per
+# member: a 100 MB file of a million empty members took 650 MB. This many bytes of directory is some 70,000
+# members of the names torch.save, torch.export, numpy and Keras write (each holds a few to a few thousand).
+DIRECTORY_LIMIT = 8 << 20
+
+
+def directory_size(source: str | IO[bytes]) -> int:
+    """The size of the zip's central directory as its end record declares it (what Python's reader reads whole
+    when it opens the zip); 0 when there is no end record (then no zip reader opens it)."""
+    if isinstance(source, str):
+        with open(source, "rb") as handle:
+            end = zipfile._EndRecData(handle)  # type: ignore[attr-defined]
+    else:
+        position = source.tell()
+        end = zipfile._EndRecData(source)  # type: ignore[attr-defined]
+        source.seek(position)
+    return int(end[zipfile._ECD_SIZE]) if end else 0  # type: ignore[attr-defined]
+
+
+def check_directory(source: str | IO[bytes], *, what: str, expected: str) -> None:
+    """Refuse a zip whose central directory is larger than DIRECTORY_LIMIT, before any reader parses it."""
+    size = directory_size(source)
+    if size > DIRECTORY_LIMIT:
+        raise DeadNeuronError(
+            f"{what}: its zip directory is {size:,} bytes (hundreds of thousands of members), more than the "
+            f"{DIRECTORY_LIMIT:,} a model or data archive needs; refused (reading it would exhaust memory); "
+            f"expected {expected}"
+        )
+
+
 def open_zip(source: str | IO[bytes], *, what: str, kind: str, expected: str) -> zipfile.ZipFile:
     """`source` opened as a zip, after one pass over its central directory that refuses an archive two zip readers
     could read differently. `what` names the file in messages ("model.pt2"), `kind` what it should be ("a
     torch.export archive") and `expected` where such a file comes from."""
     try:
+        check_directory(source, what=what, expected=expected)
         archive = zipfile.ZipFile(source)
     except ZIP_ERRORS as error:
         raise DeadNeuronError(

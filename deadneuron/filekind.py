@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import zipfile
 
-from .archive import ZIP_ERRORS
+from .archive import ZIP_ERRORS, check_directory
 from .errors import DeadNeuronError
 
 # kind -> how a message names it, and the suffix it should have
@@ -65,6 +65,7 @@ def sniff(path: str) -> str:
 
 def _zip_kind(path: str) -> str:
     try:
+        check_directory(path, what=path, expected="a model or data file of a few thousand members at most")
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except ZIP_ERRORS:

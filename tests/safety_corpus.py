@@ -230,6 +230,7 @@ def pt2_cases(folder: Path, bombs: bool) -> list[Case]:
     case("sample inputs I0x10 pickle", sample_inputs(i0x10_pickle(marker)), message="sample_inputs")
     case("sample inputs torch.save payload", sample_inputs(payload), message="sample_inputs")
 
+    cases += name_cases(folder, good, marker)
     cases += spec_cases(folder, good, marker)
     if not bombs:
         return cases
@@ -241,6 +242,78 @@ def pt2_cases(folder: Path, bombs: bool) -> list[Case]:
     ):
         case(f"zip bomb: {label}", lambda name, data, member=member: None if name == member else data,
              add=[(member, ("bomb", fill, head))], bomb=True, baseline=baseline, message="expands to")
+    return cases
+
+
+def name_cases(folder: Path, good: Path, marker: Path) -> list[Case]:
+    """Text of the program that torch's deserializer turns into code: names it writes into generated Python,
+    operators it resolves from dotted paths, symbol indices it counts up to."""
+    shell = f"touch {marker}"
+    assert "." not in shell  # a parameter name is split at dots: the payload holds none
+    cases: list[Case] = []
+
+    def case(label: str, edit: Edit, message: str, command: str = "scan") -> None:
+        path = rewrite(good, folder / (re.sub(r"[^A-Za-z0-9]+", "_", label) + ".pt2"), edit)
+        cases.append(Case(label, path, [command, "--samples", "4"] if command == "scan" else [command],
+                          message=message))
+
+    def rename(old: str, new: str, where: str) -> Callable[[Any], Any]:
+        def walk(value: Any) -> Any:
+            if isinstance(value, dict):
+                return {(new if k == old else k): walk(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [walk(v) for v in value]
+            return new if value == old else value
+
+        return lambda document: document["graph_module"].update(
+            {key: walk(document["graph_module"][key]) for key in where.split()}
+        )
+
+    # a graph input named `x=CODE`: torch writes `def forward(self, ..., x=CODE):` and runs it building the graph
+    case("input name is a default argument", edit_program(rename("x", f"x=__import__('os').system({shell!r})",
+                                                                 "graph signature")),
+         "name .*which is not a Python identifier", command="inspect")
+
+    # a parameter name closes torch's unescaped `getattr(self, "NAME")` and calls os.system
+    evil = f'training"), getattr(__import__("os"), "system")("{shell}"), getattr(self, "training'
+
+    def parameter(name: str, data: bytes) -> bytes:
+        if name == "data/weights/model_weights_config.json":
+            config = json.loads(data)
+            config["config"][evil] = config["config"].pop("fc1.weight")
+            return json.dumps(config).encode()
+        return edit_program(rename("fc1.weight", evil, "signature"))(name, data)
+
+    case("parameter name breaks out of getattr", parameter, "parameter name .*not a module path")
+    case("forward argument name", edit_program(lambda d: d["graph_module"]["module_call_graph"][0]["signature"]
+                                               .update(forward_arg_names=[f"x=__import__('os').system({shell!r})"])),
+         "forward argument name")
+
+    def higher_order(operator: str, *arguments: dict[str, Any]) -> Edit:
+        def edit(document: dict[str, Any]) -> None:
+            graph = document["graph_module"]["graph"]
+            graph["tensor_values"]["evil"] = graph["tensor_values"]["linear"]
+            graph["nodes"].insert(0, {
+                "target": "torch.ops.higher_order.wrap_with_set_grad_enabled",
+                "inputs": [{"name": "", "arg": a, "kind": 1}
+                           for a in ({"as_bool": True}, {"as_operator": operator}, *arguments)],
+                "outputs": [{"as_tensor": {"name": "evil"}}], "metadata": {}, "is_hop_single_tensor_return": True,
+                "name": "evil",
+            })
+
+        return edit_program(edit)
+
+    # a higher-order op calls the operator it is given: any function reachable from `torch`, or a refused op
+    case("higher-order op calls os.system", higher_order("torch.serialization.os.system", {"as_string": shell}),
+         "torch.serialization.os.system, which is not a PyTorch compute operator as an argument")
+    case("higher-order op calls aten.from_file",
+         higher_order("torch.ops.aten.from_file.default", {"as_string": str(marker)}, {"as_bool": True},
+                      {"as_int": 64}),
+         "aten.from_file.default .*as an argument")
+    # torch's deserializer counts to the largest unbacked symbol of the range constraints, one step at a time
+    case("range constraint on symbol u99999999999",
+         edit_program(lambda d: d["range_constraints"].update(u99999999999={"min_val": 0, "max_val": None})),
+         "symbol 'u99999999999', whose index is larger", command="inspect")
     return cases
 
 

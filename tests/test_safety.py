@@ -225,6 +225,24 @@ def test_sympify_guard_holds_without_the_archive_check(tmp_path):
     assert sympy.sympify.__module__.startswith("sympy")  # put back
 
 
+@pytest.mark.parametrize("argument", [os.system, "aten.from_file"], ids=["a function", "a refused operator"])
+def test_graph_check_refuses_an_operator_argument_without_the_json_check(argument):
+    """Defence in depth: a graph torch built (whatever path led there) whose higher-order op is handed something
+    to call other than an allowed operator is refused before it runs."""
+    from deadneuron import DeadNeuronError
+    from deadneuron.torch.pt2_program import check_graph
+
+    program = torch.export.export(zoo.mlp().eval(), (torch.randn(4, 8),))
+    check_graph(program, "good.pt2")  # the untouched program passes
+    if argument == "aten.from_file":
+        argument = torch.ops.aten.from_file.default
+    graph = program.graph_module.graph
+    with graph.inserting_before(next(iter(graph.nodes))):
+        graph.call_function(torch.ops.higher_order.wrap_with_set_grad_enabled, (True, argument, "touch pwned"))
+    with pytest.raises(DeadNeuronError, match=r"takes .* as an argument.*; refused"):
+        check_graph(program, "crafted.pt2")
+
+
 @pytest.mark.slow
 def test_crafted_files_in_fresh_processes(tmp_path):
     marker = tmp_path / "pwned"
@@ -300,3 +318,45 @@ def test_model_file_is_byte_identical_after_every_command(tmp_path, capsys):
             main([str(extra[0]), str(path), *map(str, extra[1:])])
             capsys.readouterr()
             assert (path.read_bytes(), path.stat().st_mtime_ns) == before, (path.name, extra)
+
+
+# Saved transformers directories ----------------------------------------------------------------------------------
+@pytest.fixture
+def gpt2_dir(tmp_path):
+    hf_zoo = pytest.importorskip("tests.hf_zoo")
+    pytest.importorskip("transformers")
+    hf_zoo.build("gpt2").save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def _edit_config(folder, **changes):
+    file = folder / "config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        # transformers would allocate and initialize every tensor these describe (hundreds of GB), weights or not
+        ({"n_layer": 200, "n_embd": 8192, "n_inner": 32768}, r"sets n_layer to 200, but the weights hold 28 tensors"),
+        ({"n_positions": 4_000_000}, r"describes a model of 512,081,024 bytes, but its weights hold"),
+        ({"vocab_size": 10**9}, r"describes a model of .* bytes, but its weights hold"),
+        # an `org/repo` attention implementation is a kernel transformers downloads from the Hub and loads
+        ({"attn_implementation": "kernels-community/flash-attn"}, r"sets attn_implementation to 'kernels-commu"),
+        ({"attn_implementation": {"text_config": "evil/kernel"}}, r"attn_implementation\[.text_config.\] to .evil"),
+    ],
+    ids=["layers", "positions", "vocabulary", "hub kernel", "hub kernel per sub-config"],
+)
+def test_transformers_configs_that_would_exhaust_memory_or_fetch_code_are_refused(gpt2_dir, capsys, changes,
+                                                                                   message):
+    _edit_config(gpt2_dir, **changes)
+    line = _refused(capsys, gpt2_dir / "pwned", "inspect", gpt2_dir, names=message)
+    assert "refused" in line or "never runs" in line
+
+
+def test_a_transformers_weights_file_whose_header_claims_more_than_the_file_is_refused(gpt2_dir, capsys):
+    weights = gpt2_dir / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes((1 << 40).to_bytes(8, "little") + data[8:])
+    _refused(capsys, gpt2_dir / "pwned", "inspect", gpt2_dir, names=r"header claims 1,099,511,627,776 bytes")
+    assert _cli(capsys, "inspect", gpt2_dir)[0] == 2

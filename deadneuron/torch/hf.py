@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -83,6 +84,13 @@ def read_config(path: str) -> dict[str, Any]:
             "never runs; load it yourself with trust_remote_code=True if you trust it, and pass the model to "
             "deadneuron.scan in Python"
         )
+    kernel = _hub_kernel(config)
+    if kernel:
+        raise DeadNeuronError(
+            f"{file} sets {kernel[0]} to {kernel[1][:80]!r}, a kernel that transformers would download from the "
+            "Hugging Face Hub and run (code not shipped with transformers), which deadneuron never runs; expected a "
+            "built-in implementation (eager, sdpa); remove the key or set it to 'eager'"
+        )
     architectures = config.get("architectures")
     if (
         not isinstance(architectures, list)
@@ -95,6 +103,20 @@ def read_config(path: str) -> dict[str, Any]:
             f"model_type={config.get('model_type')!r}); expected a config written by model.save_pretrained"
         )
     return config
+
+
+def _hub_kernel(config: Any, where: str = "") -> tuple[str, str] | None:
+    """(key, value) of an `*_implementation` setting (attn_implementation, experts_implementation, in nested
+    configs too) that is more than a built-in name: transformers reads `org/repo` as a Hub kernel to download and
+    load; None when there is none."""
+    for key, value in config.items():
+        if key.endswith("_implementation"):
+            for sub, name in value.items() if isinstance(value, dict) else [("", value)]:
+                if name is not None and not (isinstance(name, str) and re.fullmatch(r"[a-z0-9_]+", name)):
+                    return where + key + (f"[{sub!r}]" if sub else ""), str(name)
+        elif isinstance(value, dict) and (found := _hub_kernel(value, f"{where}{key}.")):
+            return found
+    return None
 
 
 def _model_class(transformers: Any, config: dict[str, Any], file: str) -> Any:
@@ -172,6 +194,7 @@ def load_pretrained(path: str | os.PathLike[str]) -> nn.Module:
         raise
     except Exception as error:  # a config whose values this transformers cannot build
         raise _unbuildable(transformers, cls, file, error) from error
+    _check_size(cls, config_object, config, files, file)
     state = _read_weights(files)
     try:
         with _transformers_quiet(transformers):
@@ -194,6 +217,71 @@ def load_pretrained(path: str | os.PathLike[str]) -> nn.Module:
         )
     model.eval()
     return model  # type: ignore[no-any-return]
+
+
+# safetensors refuses headers beyond this itself; a header is read whole, so it is capped before reading
+HEADER_LIMIT = 100 << 20
+# a model's own tensors that are not saved (rotary frequencies, causal masks) may add this much to its weights
+UNSAVED_ALLOWANCE = 256 << 20
+
+
+def _tensor_count(files: list[str]) -> int:
+    """How many tensors the safetensors `files` hold, read from their headers (8-byte length, then JSON)."""
+    count = 0
+    for name in files:
+        with open(name, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if length > min(HEADER_LIMIT, os.path.getsize(name)):
+                raise DeadNeuronError(
+                    f"cannot read {name} as safetensors: its header claims {length:,} bytes, more than the file "
+                    "holds or safetensors allows; expected the weights written by save_pretrained"
+                )
+            try:
+                header = json.loads(handle.read(length))
+            except (ValueError, UnicodeDecodeError, RecursionError) as error:
+                raise DeadNeuronError(f"cannot read {name} as safetensors: its header is not JSON") from error
+        count += len(header) - ("__metadata__" in header) if isinstance(header, dict) else 0
+    return count
+
+
+def _layer_counts(config: Any, where: str = "") -> list[tuple[str, int]]:
+    """(key, value) of every integer in the config (nested configs too) whose key names a number of layers."""
+    found = []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            found += _layer_counts(value, f"{where}{key}.")
+        elif "layer" in key and isinstance(value, int) and not isinstance(value, bool):
+            found.append((where + key, value))
+    return found
+
+
+def _check_size(cls: Any, config_object: Any, config: dict[str, Any], files: list[str], file: str) -> None:
+    """Refuse a config that describes a model far larger than its weights, before building it: transformers
+    allocates and initializes every tensor the config describes, so a 2 kB config.json could take all memory.
+
+    Every layer holds at least one saved tensor, so no layer count may exceed the tensors in the files (a count
+    of a million would take gigabytes of Python objects even without tensors); then the model is built on the meta
+    device (shapes only), and its tensors may take at most twice the weights' bytes on disk plus
+    UNSAVED_ALLOWANCE."""
+    tensors = _tensor_count(files)
+    for key, value in _layer_counts(config):
+        if value > max(tensors, 1):
+            raise DeadNeuronError(
+                f"{file} sets {key} to {value:,}, but the weights hold {tensors:,} tensors; refused (building the "
+                "model would exhaust memory); expected the config.json saved with these weights"
+            )
+    try:
+        with torch.device("meta"):
+            shapes = cls(config_object)
+    except Exception:  # the real build below says what is wrong with the config
+        return
+    needed = sum(t.numel() * t.element_size() for t in (*shapes.parameters(), *shapes.buffers()))
+    stored = sum(os.path.getsize(name) for name in files)
+    if needed > 2 * stored + UNSAVED_ALLOWANCE:
+        raise DeadNeuronError(
+            f"{file} describes a model of {needed:,} bytes, but its weights hold {stored:,}; refused (building it "
+            "would exhaust memory); expected the config.json saved with these weights"
+        )
 
 
 def _unbuildable(transformers: Any, cls: Any, file: str, error: Exception) -> DeadNeuronError:

@@ -84,9 +84,12 @@ def load_exported(path: str) -> Any:
 
 # state dicts ----------------------------------------------------------------------------------------------------
 def _is_torchscript(path: str) -> bool:
+    from ..archive import check_directory
+
     try:
         if not zipfile.is_zipfile(path):
             return False
+        check_directory(path, what=path, expected="a file written by torch.save")
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError):

@@ -30,6 +30,7 @@ import io
 import json
 import logging
 import re
+import warnings
 import zipfile
 from typing import Any
 
@@ -61,6 +62,10 @@ _FIXED = frozenset(
     {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id", "version"}
 )
 _PAYLOAD_NAME = re.compile(r"(weight|tensor)_[0-9]+")
+# A parameter, buffer or constant name: torch writes its parts into generated Python between quotes
+_FQN = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
+# What torch warns when the Python it generates from a graph does not compile (a crafted argument's text)
+_UNCOMPILED = "Unable to execute the generated python source code"
 
 
 def _raw_pickle_globals(data: bytes) -> set[str]:
@@ -204,6 +209,8 @@ def _payloads(
     tensors: dict[str, torch.Tensor] = {}
     needed: dict[str, int] = {}
     for fqn, meta in config.config.items():
+        if not (isinstance(fqn, str) and _FQN.fullmatch(fqn)):
+            raise refuse(f"{where} names the tensor {str(fqn)[:60]!r}", "(not a module path)")
         file = meta.path_name
         label = f"{path} (member {prefix}data/{folder}/{file}, for {fqn!r})"
         if not isinstance(file, str) or not _PAYLOAD_NAME.fullmatch(file):
@@ -328,8 +335,14 @@ def load(path: str) -> Any:
     heard = _TorchExportLog()
     try:
         serialized = _dict_to_dataclass(schema.ExportedProgram, document)
-        with weights_only_loads(), heard:
-            program = ExportedProgramDeserializer().deserialize(serialized, state_dict, constants, example_inputs)
+        with weights_only_loads(), heard, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # torch's warnings are kept, not printed: a user error stays one line
+            try:
+                program = ExportedProgramDeserializer().deserialize(serialized, state_dict, constants, example_inputs)
+            finally:
+                heard.records += [_first_line(Exception(str(w.message))) for w in caught]
+        if any(_UNCOMPILED in record for record in heard.records):
+            raise refuse(f"{path}: its graph does not compile to Python", "", f"expected {EXPECTED}")
     except DeadNeuronError:
         raise
     except Exception as error:

@@ -98,7 +98,11 @@ _SYMPY_NAMES = frozenset(
     ExprCondPair oo zoo nan true false True False None""".split()
 )
 _PLAIN_STRING = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9.eE+\-/]+")
-_SYMBOL_NAME = re.compile(r"[a-z]+[0-9]+")
+_SYMBOL_NAME = re.compile(r"[a-z]+([0-9]+)")
+# torch numbers its symbols s0, s1, ... (backed sizes: a hash modulo 100, then the next free one) and u0, u1, ...
+# (unbacked values); its deserializer counts up to the largest index of a range constraint's symbol one step at a
+# time, so an index of 10**11 would hang the load for hours.
+_SYMBOL_INDEX_LIMIT = 1 << 20
 # Functions that raise to a power: like `**`, their exponent must be small, or parsing could take forever.
 _POWERS = frozenset({"Pow", "PowByNatural", "FloatPow", "LShift", "RShift"})
 _EXPRESSION_LIMIT = 4096
@@ -180,16 +184,28 @@ def _unsafe_expression(text: str) -> str | None:
         elif isinstance(node, ast.Name):
             if node.id not in allowed and not _SYMBOL_NAME.fullmatch(node.id):
                 return f"the name {node.id!r}"
+            if problem := _symbol_index_problem(node.id):
+                return problem
         elif isinstance(node, ast.Constant):
             constant = node.value
             if isinstance(constant, str) and not _PLAIN_STRING.fullmatch(constant):
                 return f"the string {constant[:40]!r}"
+            if isinstance(constant, str) and (problem := _symbol_index_problem(constant)):
+                return problem
             if isinstance(constant, int) and not isinstance(constant, bool) and abs(constant) > 2**64:
                 return f"the number {str(constant)[:20]}..."
             if not isinstance(constant, (str, int, float, type(None))):
                 return f"the constant {constant!r:.40}"
         else:
             return f"{type(node).__name__.lower()} syntax"
+    return None
+
+
+def _symbol_index_problem(name: str) -> str | None:
+    """Why the symbol `name` (s3, u12) has an implausibly large index, or None."""
+    match = _SYMBOL_NAME.fullmatch(name)
+    if match and (len(match.group(1)) > 9 or int(match.group(1)) > _SYMBOL_INDEX_LIMIT):
+        return f"the symbol {name[:40]!r}, whose index is larger than {_SYMBOL_INDEX_LIMIT:,}"
     return None
 
 
@@ -221,6 +237,75 @@ def _walk_nodes(value: Any) -> Any:
     elif isinstance(value, list):
         for item in value:
             yield from _walk_nodes(item)
+
+
+# Names torch writes into the Python it generates from a graph, unquoted (`def forward(self, NAME)`, `NAME = ...`)
+# or between quotes it does not escape (`getattr(self, "PART")`): a name holding other characters is code.
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DOTTED = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")  # a module path: layers.0.weight
+_CALL_FQN = re.compile(r"[A-Za-z0-9_]+(?:@[0-9]+)?(?:\.[A-Za-z0-9_]+(?:@[0-9]+)?)*")  # a call of a module: fc1@1
+
+
+def name_problem(key: str, value: Any) -> str | None:
+    """Why the value of a program's JSON field `key` is not a plain name where torch expects one, or None (fields
+    that hold no name pass)."""
+    import keyword
+
+    if key in ("name", "as_name", "user_input_name") or key == "forward_arg_names[]":
+        rule, what = IDENTIFIER, "a Python identifier"
+    elif key in ("parameter_name", "buffer_name", "tensor_constant_name", "custom_obj_name"):
+        rule, what = _DOTTED, "a module path of letters, digits and underscores"
+    elif key == "fqn":
+        rule, what = _CALL_FQN, "a module path"
+        if value == "":
+            return None
+    else:
+        return None
+    if value is None or (value == "" and key == "name"):  # unnamed nodes and positional arguments
+        return None
+    if not isinstance(value, str) or not rule.fullmatch(value) or (rule is IDENTIFIER and keyword.iskeyword(value)):
+        label = {"forward_arg_names[]": "forward argument name", "as_name": "name", "fqn": "module path"}.get(key, key)
+        return f"the {label.replace('_', ' ')} {str(value)[:60]!r}, which is not {what}"
+    return None
+
+
+def check_names(graph_module: Any, path: str) -> None:
+    """Refuse a program whose node, input, parameter, buffer or module names are more than plain names: torch's
+    code generator writes them into Python source, where a crafted name runs as code when the graph is built."""
+    stack = [graph_module]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(v for v in item if isinstance(v, (dict, list)))
+            continue
+        if not isinstance(item, dict):
+            continue
+        for key, value in item.items():
+            if key == "metadata":  # stack traces and module stacks: text for people, checked after loading
+                continue
+            if key == "forward_arg_names" and isinstance(value, list):
+                problems = (name_problem("forward_arg_names[]", v) for v in value)
+            else:
+                problems = iter([name_problem(key, value)])
+            problem = next((p for p in problems if p), None)
+            if problem:
+                raise refuse(f"{path} holds {problem}", "in its program", f"expected {EXPECTED}")
+            if isinstance(value, (dict, list)):
+                stack.append(value)
+
+
+def _operator_arguments(value: Any) -> Iterator[Any]:
+    """Every `as_operator` argument anywhere in `value`: torch's deserializer resolves it as a dotted path from
+    `torch`, `operator` or `math` (any function reachable from them), and a higher-order op calls it."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if "as_operator" in item:
+                yield item["as_operator"]
+            stack.extend(v for v in item.values() if isinstance(v, (dict, list)))
+        elif isinstance(item, list):
+            stack.extend(v for v in item if isinstance(v, (dict, list)))
 
 
 def own_operator(name: str) -> bool:
@@ -269,6 +354,13 @@ def check_program_json(document: Any, path: str) -> None:
         problem = target_problem(node["target"])
         if problem:
             raise refuse(f"{path} calls {problem}", "in its graph", "expected a program of PyTorch operators")
+    for name in _operator_arguments(document["graph_module"]):
+        # an operator passed as an argument (a higher-order op's body) is called like a graph target
+        problem = target_problem(name)
+        if problem:
+            raise refuse(f"{path} passes {problem}", "as an argument in its graph",
+                         "expected a program of PyTorch operators")
+    check_names(document["graph_module"], path)
     custom = document["graph_module"].get("graph", {}).get("custom_obj_values")
     if custom:
         raise refuse(f"{path} uses custom (TorchBind) objects", "", "export a model without custom objects")
@@ -277,7 +369,8 @@ def check_program_json(document: Any, path: str) -> None:
         if problem:
             raise DeadNeuronError(
                 f"{path}: the shape expression {expression[:80]!r} holds {problem}, which is not a plain symbolic "
-                f"expression; refused (torch's loader would evaluate it as Python code); expected {EXPECTED}"
+                f"expression; refused (torch's loader would evaluate it as Python code or count up to it); expected "
+                f"{EXPECTED}"
             )
 
 
@@ -326,6 +419,10 @@ def check_graph(program: Any, path: str) -> None:
             if node.op != "call_function":
                 raise refuse(f"{path}: the graph node {node.name!r} is a {node.op}", "",
                              "expected a program of PyTorch operators")
+            problem = _argument_problem((node.args, node.kwargs))
+            if problem:
+                raise refuse(f"{path}: the graph node {node.name!r} takes {problem}", "",
+                             "expected a program of PyTorch operators on tensors and numbers")
             target = node.target
             if isinstance(target, torch._ops.OpOverload):
                 namespace = target.namespace
@@ -348,6 +445,41 @@ def check_graph(program: Any, path: str) -> None:
                 f"{path} calls {getattr(target, '__module__', '?')}.{name or target!r} in its graph, which is not "
                 "a PyTorch operator;", "", "expected a program of PyTorch compute operators"
             )
+
+
+_PLAIN_ARGUMENTS = (bool, int, float, complex, str, type(None), torch.dtype, torch.layout, torch.memory_format,
+                    torch.device, torch.SymInt, torch.SymFloat, torch.SymBool)
+
+
+def _argument_problem(value: Any) -> str | None:
+    """What in a node's arguments is neither data nor another node (a function a higher-order op would call),
+    or None. An operator argument must pass the same allowlist as a graph target."""
+    import torch.fx
+
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (torch.fx.Node, *_PLAIN_ARGUMENTS)):
+            continue
+        if isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, slice):
+            stack.extend((item.start, item.stop, item.step))
+        elif isinstance(item, torch._ops.OpOverload):
+            allowed = item.namespace in _OPERATOR_NAMESPACES or (
+                item.namespace == OWN_NAMESPACE and own_operator(item._schema.name.split("::")[-1])
+            )
+            problem = None if allowed else "its namespace is not allowed"
+            problem = problem or schema_problem(item)
+            if problem:
+                return f"the operator {item} as an argument ({problem})"
+        else:
+            kind = type(item)
+            return f"a {kind.__module__}.{kind.__qualname__} as an argument"
+    return None
 
 
 def check_inputs_spec(program: Any, path: str) -> None:
