@@ -418,7 +418,24 @@ def data_cases(folder: Path, bombs: bool) -> list[Case]:
         npz_member(archive, "x.npy", (10**12, 1, 8, 8), b"\0" * 1024)
     cases.append(Case(".npz declaring a huge shape", Path(model), ["scan", "--data", str(huge)],
                       message="declares shape"))
+    # the end record declares a 64 MiB central directory, which Python's zip reader would read whole
+    directory = folder / "directory.npz"
+    np.savez(directory, x=np.zeros((4, 1, 8, 8), np.float32))
+    data = bytearray(directory.read_bytes())
+    end = data.rindex(b"PK\x05\x06")
+    data[end + 12 : end + 16] = (64 << 20).to_bytes(4, "little")
+    directory.write_bytes(bytes(data))
+    cases.append(Case(".npz declaring a 64 MiB zip directory", Path(model), ["scan", "--data", str(directory)],
+                      message="zip directory is 67,108,864 bytes"))
     if bombs:
+        many = folder / "members.npz"  # 300,000 empty members: a 30 MB file, some 200 MB once read
+        np.savez(many, x=np.zeros((4, 1, 8, 8), np.float32))
+        with zipfile.ZipFile(many, "a") as archive:
+            for i in range(300_000):
+                archive.writestr(zipfile.ZipInfo(f"{i}.npy"), b"")
+        cases.append(Case(".npz of 300,000 members", Path(model), ["scan", "--data", str(many)],
+                          message="zip directory is", bomb=True,
+                          baseline=["scan", model, "--data", str(SAMPLES / "digits_heldout.npz")]))
         bomb = folder / "bomb.npz"
         rows = BOMB_BYTES // (64 * 4)
         with zipfile.ZipFile(bomb, "w") as archive:
