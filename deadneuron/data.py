@@ -165,6 +165,25 @@ def _local_header_size(path: str, info: zipfile.ZipInfo) -> int:
     return 30 + name_length + extra_length
 
 
+def _check_npy_size(path: str) -> None:
+    """Refuse a .npy whose header declares more (or less) data than the file holds, told from the header alone
+    (numpy's own check overflows on a shape like (2**62, 2**62), and warns on stderr doing so)."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(handle)
+        header_end = handle.tell()
+    if dtype.hasobject:
+        return  # np.load says so, without unpickling
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    held = os.path.getsize(path) - header_end
+    if nbytes != held:
+        raise DeadNeuronError(
+            f"{path} declares shape {tuple(shape)} ({nbytes:,} bytes) but holds {held:,} bytes; the file is damaged; "
+            "expected a .npy written by numpy.save"
+        )
+
+
 def load_data_file(path: str | os.PathLike[str], samples: int | None = None) -> Dataset:
     """Open a `.npz` (x, optional y) or `.npy` (x) data file without reading it into memory (a compressed .npz
     member is decompressed, its first `samples` rows when given, up to NPZ_COMPRESSED_LIMIT bytes)."""
@@ -184,6 +203,7 @@ def load_data_file(path: str | os.PathLike[str], samples: int | None = None) -> 
     x: np.ndarray | dict[str, np.ndarray]
     try:
         if suffix == ".npy":
+            _check_npy_size(path)
             x = np.load(path, mmap_mode="r", allow_pickle=False)
             y = None
         else:

@@ -418,6 +418,13 @@ def data_cases(folder: Path, bombs: bool) -> list[Case]:
         npz_member(archive, "x.npy", (10**12, 1, 8, 8), b"\0" * 1024)
     cases.append(Case(".npz declaring a huge shape", Path(model), ["scan", "--data", str(huge)],
                       message="declares shape"))
+    for label, shape in (("huge", (10**12, 1, 8, 8)), ("overflowing", (2**62, 2**62))):
+        header = io.BytesIO()  # numpy's own size check overflows (and warns on stderr) on the second
+        np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
+        declared = folder / f"{label}_shape.npy"
+        declared.write_bytes(header.getvalue() + b"\0" * 1024)
+        cases.append(Case(f".npy declaring a {label} shape", Path(model), ["scan", "--data", str(declared)],
+                          message=r"declares shape .* but holds 1,024 bytes"))
     # the end record declares a 64 MiB central directory, which Python's zip reader would read whole
     directory = folder / "directory.npz"
     np.savez(directory, x=np.zeros((4, 1, 8, 8), np.float32))
