@@ -283,11 +283,9 @@ def check_names(graph_module: Any, path: str) -> None:
         for key, value in item.items():
             if key == "metadata":  # stack traces and module stacks: text for people, checked after loading
                 continue
-            if key == "forward_arg_names" and isinstance(value, list):
-                problems = (name_problem("forward_arg_names[]", v) for v in value)
-            else:
-                problems = iter([name_problem(key, value)])
-            problem = next((p for p in problems if p), None)
+            pairs = [("forward_arg_names[]", v) for v in value] if key == "forward_arg_names" and isinstance(
+                value, list) else [(key, value)]
+            problem = next((p for k, v in pairs if (p := name_problem(k, v))), None)
             if problem:
                 raise refuse(f"{path} holds {problem}", "in its program", f"expected {EXPECTED}")
             if isinstance(value, (dict, list)):
