@@ -227,6 +227,12 @@ def pt2_cases(folder: Path, bombs: bool) -> list[Case]:
     def sample_inputs(data: bytes) -> Edit:
         return lambda name, content: data if name == "data/sample_inputs/model.pt" else content
 
+    shared = torch.zeros(1)
+    for _ in range(64):  # 2 kB on disk; 2**64 leaves to whatever walks the tree
+        shared = (shared, shared)
+    buffer = io.BytesIO()
+    torch.save(((shared,), {}), buffer)
+    case("sample inputs of 2**64 shared leaves", sample_inputs(buffer.getvalue()), message="more than 100,000 values")
     case("sample inputs I0x10 pickle", sample_inputs(i0x10_pickle(marker)), message="sample_inputs")
     case("sample inputs torch.save payload", sample_inputs(payload), message="sample_inputs")
 

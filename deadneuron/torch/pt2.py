@@ -52,6 +52,7 @@ from .pt2_specs import check_specs
 JSON_LIMIT = 64 << 20  # model.json of a large transformer is a few MB
 CONFIG_LIMIT = 16 << 20
 SAMPLE_INPUTS_LIMIT = 256 << 20
+SAMPLE_INPUTS_NODES = 100_000  # values in the example inputs' tree (a model takes a few tensors)
 # torch.export.save stores members uncompressed; a compressed one (re-zipped, or crafted) may expand only this
 # far, so a small file cannot grow to the caps above in memory.
 INFLATE_LIMIT = 8 << 20
@@ -298,6 +299,19 @@ def _sample_inputs(archive: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo]
         raise DeadNeuronError(f"cannot read {where}: {_first_line(error)}; expected {EXPECTED}") from error
     if not (isinstance(inputs, tuple) and len(inputs) == 2):
         raise DeadNeuronError(f"{where} holds a {type(inputs).__name__}, not (args, kwargs); expected {EXPECTED}")
+    # A pickle can share one object many times: 64 nested pairs of the same pair are 2 kB on disk and 2**64
+    # leaves to anything that walks them (torch's deserializer and the scan do). Count every visit, up to a cap.
+    visits, stack = 0, [inputs]
+    while stack:
+        item = stack.pop()
+        visits += 1
+        if visits > SAMPLE_INPUTS_NODES:
+            raise refuse(where, f"holds more than {SAMPLE_INPUTS_NODES:,} values (a pickle that repeats one "
+                         "object)", "re-save the file with torch.export.save")
+        if isinstance(item, (tuple, list)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
     return inputs
 
 
