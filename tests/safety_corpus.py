@@ -227,6 +227,15 @@ def pt2_cases(folder: Path, bombs: bool) -> list[Case]:
     def sample_inputs(data: bytes) -> Edit:
         return lambda name, content: data if name == "data/sample_inputs/model.pt" else content
 
+    def weight_sizes(name: str, data: bytes) -> bytes:
+        if name != "data/weights/model_weights_config.json":
+            return data
+        config = json.loads(data)
+        first = next(iter(config["config"].values()))
+        first["tensor_meta"]["sizes"][0] = {"as_expr": {"expr_str": "s0", "hint": None}}
+        return json.dumps(config).encode()
+
+    case("weight of symbolic size", weight_sizes, message="damaged or hand-edited.*Only as_int")
     shared = torch.zeros(1)
     for _ in range(64):  # 2 kB on disk; 2**64 leaves to whatever walks the tree
         shared = (shared, shared)

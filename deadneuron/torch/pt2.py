@@ -336,7 +336,7 @@ def load(path: str) -> Any:
             example_inputs = _sample_inputs(archive, members, path)
         except RecursionError as error:
             raise refuse(f"{path} holds JSON nested too deeply", "to read") from error
-        except (KeyError, TypeError, AttributeError, IndexError, OverflowError) as error:  # malformed configs
+        except (KeyError, TypeError, AttributeError, IndexError, OverflowError, ValueError, AssertionError) as error:
             raise DeadNeuronError(
                 f"cannot read {path} as a torch.export archive (damaged or hand-edited?): {type(error).__name__}: "
                 f"{_first_line(error)}; expected {EXPECTED}"
