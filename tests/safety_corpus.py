@@ -484,6 +484,16 @@ def keras_cases(folder: Path, bombs: bool) -> list[Case]:
              rewrite(good, folder / "duplicate.keras", lambda n, d: [d, d] if n == "config.json" else d), scan,
              message="appears twice"),
     ]
+
+    def wide(name: str, data: bytes) -> bytes:  # Keras would fill a (512, 10**7) kernel (20 GB) before the weights
+        if name != "config.json":
+            return data
+        config = json.loads(data)
+        next(layer for layer in config["config"]["layers"] if layer["class_name"] == "Dense")["config"]["units"] = 10**7
+        return json.dumps(config).encode()
+
+    cases.append(Case("Dense of ten million units in .keras", rewrite(good, folder / "wide.keras", wide), scan,
+                      message=r"asks for 20,480,019,200 bytes of variables"))
     if bombs:
         baseline = ["scan", str(good), "--samples", "4"]
         config = zipfile.ZipFile(good).read("config.json")

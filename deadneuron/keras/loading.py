@@ -8,6 +8,7 @@ what was expected and how to fix it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ import zipfile
 from typing import Any
 
 import keras
+import numpy as np
 
 from ..errors import DeadNeuronError
 from .sinerelu import custom_objects
@@ -52,19 +54,66 @@ def load_model(
         raise DeadNeuronError(f"Keras model file not found: {path}; expected an existing {suffix} file")
     if suffix == ".keras":
         check_archive(path)
+    budget = VariableBudget(path, 2 * os.path.getsize(path) + UNSAVED_ALLOWANCE)
     with tempfile.TemporaryDirectory(prefix="deadneuron-") as scratch:
         try:
             readable = _with_input_layer(path, scratch) if suffix != ".keras" else path
-            model = keras.models.load_model(
-                readable, compile=False, safe_mode=not unsafe_deserialization, custom_objects=custom_objects()
-            )
+            with budget:
+                model = keras.models.load_model(
+                    readable, compile=False, safe_mode=not unsafe_deserialization, custom_objects=custom_objects()
+                )
         except Exception as error:  # ValueError, TypeError, KeyError, OSError...: sorted in _explain
+            if budget.exceeded is not None:  # Keras may wrap our error in its own
+                raise budget.exceeded from error
             raise _explain(path, suffix, error) from error
     if not isinstance(model, keras.Model):
         raise DeadNeuronError(
             f"{path} holds a {type(model).__name__}, not a Keras model; expected a saved model"
         )
     return model
+
+
+# A model's variables that its file does not hold (seed generators, counters) may add this much to its weights.
+UNSAVED_ALLOWANCE = 256 << 20
+
+
+class VariableBudget:
+    """While a model loads: every Keras variable's size is counted when its shape is fixed, before its value is
+    allocated, and the load stops once the model needs more than `limit` bytes. Keras builds every layer of the
+    config and fills it with initial values before it reads the weights and compares shapes, so a config that
+    asks for a Dense layer of ten million units would take 20 GB, whatever the file holds."""
+
+    def __init__(self, path: str, limit: int) -> None:
+        self.path, self.limit, self.used = path, limit, 0
+        self.exceeded: DeadNeuronError | None = None
+
+    def __enter__(self) -> VariableBudget:
+        from keras.src.backend.common.variables import Variable
+
+        self.cls, self.original = Variable, Variable._validate_shape
+        budget = self
+
+        def counted(variable: Any, shape: Any) -> Any:
+            shape = budget.original(variable, shape)
+            try:
+                itemsize = np.dtype(variable._dtype).itemsize
+            except TypeError:  # bfloat16 and the like
+                itemsize = 4
+            budget.used += math.prod(int(n) for n in shape) * itemsize
+            if budget.used > budget.limit:
+                budget.exceeded = DeadNeuronError(
+                    f"{budget.path}: its model config asks for {budget.used:,} bytes of variables or more (a "
+                    f"{tuple(shape)} variable among them), more than twice the file's size; refused (building it "
+                    "would exhaust memory); expected the config saved with these weights"
+                )
+                raise budget.exceeded
+            return shape
+
+        Variable._validate_shape = counted
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cls._validate_shape = self.original
 
 
 # A .keras archive's JSON is parsed whole, and a compressed member is inflated whole: caps fixed before reading.
