@@ -363,12 +363,11 @@ def _expected_labels(module: nn.Module) -> str:
     config = getattr(module, "config", None)
     classes = getattr(config, "num_labels", None)
     vocabulary = getattr(config, "vocab_size", None)
-    kinds = []
     if isinstance(classes, int) and type(module).__name__.endswith("ForSequenceClassification"):
-        kinds.append(f"class indices in [0, {classes}) for its classification head")
-    elif isinstance(vocabulary, int):
-        kinds.append(f"token ids in [0, {vocabulary}), -100 where no loss is taken")
-    return "; ".join(kinds) or "as its own loss takes them"
+        return f"class indices in [0, {classes}) for its classification head"
+    if isinstance(vocabulary, int):
+        return f"token ids in [0, {vocabulary}), -100 where no loss is taken"
+    return "as its own loss takes them"
 
 
 def _missing_inputs(module: nn.Module, x: Any, labels: torch.Tensor | None) -> str | None:
@@ -388,8 +387,7 @@ def _missing_inputs(module: nn.Module, x: Any, labels: torch.Tensor | None) -> s
     if _is_encoder_decoder(module) and labels is None and not any(key in keys for key in _DECODER_INPUTS):
         return (
             f"{name} is an encoder-decoder model and its decoder got no input; expected decoder_input_ids beside "
-            f"{main} (an .npz array or a batch key of that name), or labels (from which the model builds them), "
-            "which random inputs (--samples) cannot supply"
+            f"{main} (an .npz array or a batch key of that name), or labels (from which the model builds them)"
         )
     return None
 
