@@ -37,7 +37,7 @@ from .decomposed import fold
 from .loading import load_model
 from .objective import Probe, batch_probe, first_output, own_loss, task_loss
 from .program_inputs import KeywordInputs, cut, embedding_rows, keyword_inputs
-from .sites import SiteWatcher, graph_sites
+from .sites import DECODER_INPUTS, SiteWatcher, graph_sites, real_tokens
 from .swap import copy_model, swap_file, swap_for_scan, swap_model
 
 __all__ = ["BACKEND", "TorchRun", "prepare", "train", "with_probe"]
@@ -143,7 +143,7 @@ class TorchRun:
             prepare is None
             or not isinstance(ids, torch.Tensor)
             or ids.is_floating_point()
-            or any(key in inputs for key in (*_DECODER_INPUTS, "labels"))
+            or any(key in inputs for key in (*DECODER_INPUTS, "labels"))
         ):
             return x
         note = (
@@ -322,11 +322,6 @@ def _device_dtype(module: nn.Module, fallback: torch.dtype | None) -> tuple[torc
     return torch.device("cpu"), fallback or torch.get_default_dtype()
 
 
-# The keyword inputs of a transformers encoder-decoder's decoder (T5, BART): one of them, or labels, from which
-# the model builds them itself.
-_DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds")
-
-
 def _is_encoder_decoder(module: nn.Module) -> bool:
     return bool(getattr(getattr(module, "config", None), "is_encoder_decoder", False))
 
@@ -336,26 +331,12 @@ def _decoder_inputs(module: nn.Module, x: Any, y: torch.Tensor | None) -> Any:
     from the labels by the model's own `prepare_decoder_input_ids_from_labels` (T5's and BART's right shift), as
     its forward builds them when it is given labels: so a pass without labels (compare's predictions, the probe
     loss) runs the decoder on the same tokens as the pass with them."""
-    if y is None or not isinstance(x, dict) or any(key in x for key in _DECODER_INPUTS):
+    if y is None or not isinstance(x, dict) or any(key in x for key in DECODER_INPUTS):
         return x
     prepare = getattr(module, "prepare_decoder_input_ids_from_labels", None)
     if not _is_encoder_decoder(module) or prepare is None or y.is_floating_point():
         return x
     return {**x, "decoder_input_ids": prepare(labels=y)}
-
-
-def _real_tokens(x: Any, n: int) -> torch.Tensor | None:
-    """(N, L) True at the real tokens of a batch of keyword inputs whose `attention_mask` pads some sequences; None
-    when nothing is padded. Padding tokens are no positions of a token site (design.md): a unit that fires only on
-    padding is dead on the data."""
-    mask = x.get("attention_mask") if isinstance(x, dict) else None
-    if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or int(mask.shape[0]) != n:
-        return None
-    if any(key in x for key in _DECODER_INPUTS):
-        # an encoder-decoder: its decoder's sites may have the encoder's length without its padding
-        return None
-    real = mask != 0
-    return None if bool(real.all()) else real
 
 
 def _expected_labels(module: nn.Module) -> str:
@@ -384,7 +365,7 @@ def _missing_inputs(module: nn.Module, x: Any, labels: torch.Tensor | None) -> s
             f"{name} takes {main} (its main input), which the batch lacks; expected inputs named after the model's "
             f"keyword arguments ({main}=..., in an .npz or each batch's mapping)"
         )
-    if _is_encoder_decoder(module) and labels is None and not any(key in keys for key in _DECODER_INPUTS):
+    if _is_encoder_decoder(module) and labels is None and not any(key in keys for key in DECODER_INPUTS):
         return (
             f"{name} is an encoder-decoder model and its decoder got no input; expected decoder_input_ids beside "
             f"{main} (an .npz array or a batch key of that name), or labels (from which the model builds them)"
@@ -487,7 +468,7 @@ class TorchWatch:
     def step(self, batch: Batch) -> None:
         x, y, valid = batch.x, batch.y, batch.valid
         n = leading(x)
-        real = _real_tokens(x, n)
+        real = real_tokens(x, n)
         first, self.first = self.first, False
         if self.loss == "none":
             with torch.no_grad(), self.watcher.forward(n, valid, real):

@@ -40,7 +40,7 @@ from ..report import Report
 from ..report.history import FRACTIONS, History
 from .accumulate import SiteAccumulator, collect
 from .distributed import all_reduce_sites, rank_zero
-from .sites import SiteWatcher
+from .sites import SiteWatcher, real_tokens
 
 logger = logging.getLogger("deadneuron.torch")
 
@@ -246,9 +246,9 @@ class DeadNeuronMonitor:
         return self._watcher
 
     # forward scopes ---------------------------------------------------------------------------------------------
-    def _open(self, n: int | None, owner: str) -> None:
+    def _open(self, n: int | None, owner: str, real: torch.Tensor | None = None) -> None:
         watcher = self._require_watcher()
-        scope = watcher.forward(n, n or 0)
+        scope = watcher.forward(n, n or 0, real)
         scope.__enter__()
         self._scope, self._scope_owner = scope, owner
         watcher.paused = False
@@ -265,7 +265,8 @@ class DeadNeuronMonitor:
         # call only, and one removed then still runs once (without its kwargs).
         if not self._attached or self._scope is not None or not (module.training and torch.is_grad_enabled()):
             return
-        self._open(_first_batch_size([*args, *(kwargs or {}).values()]), "root")
+        n = _first_batch_size([*args, *(kwargs or {}).values()])
+        self._open(n, "root", real_tokens(kwargs, n))  # a padded batch's keyword attention_mask
 
     def _root_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if self._scope_owner == "root":

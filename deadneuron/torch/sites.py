@@ -54,6 +54,24 @@ _OUTPUT_DERIVATIVE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 _UNOBSERVED = -1  # `SiteWatcher._tokens`: the site's layout is not one a scan can read
 
+# The keyword inputs of a transformers encoder-decoder's decoder (T5, BART): one of them, or labels, from which
+# the model builds them itself.
+DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds")
+
+
+def real_tokens(x: Any, n: int | None) -> torch.Tensor | None:
+    """(N, L) True at the real tokens of a batch of keyword inputs whose `attention_mask` pads some sequences, for
+    `SiteWatcher.forward`; None when nothing is padded. Padding tokens are no positions of a token site
+    (design.md): a unit that fires only on padding is dead on the data."""
+    mask = x.get("attention_mask") if isinstance(x, dict) else None
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or n is None or int(mask.shape[0]) != n:
+        return None
+    if any(key in x for key in DECODER_INPUTS):
+        # an encoder-decoder: its decoder's sites may have the encoder's length without its padding
+        return None
+    real = mask != 0
+    return None if bool(real.all()) else real
+
 
 class _Token:
     __slots__ = ("acc", "output_grad", "valid", "tokens", "real")
