@@ -543,3 +543,21 @@ def test_an_encoder_decoder_batch_is_not_masked_by_the_encoders_padding():
     np.testing.assert_allclose(decoder.stats.max_abs, seen["a"].abs().amax((0, 1)).double().numpy(), rtol=1e-6)
     fired_anywhere = (seen["a"] != 0).any(0).any(0)
     assert set(decoder.dead_units) == set(torch.nonzero(~fired_anywhere).flatten().tolist())
+
+
+def test_the_training_monitor_leaves_padding_out_as_the_scan_does():
+    from deadneuron.torch import DeadNeuronMonitor
+
+    model = PadFiring()
+    batches = [dict(zip(("input_ids", "attention_mask"), _padded(seed=seed), strict=True)) for seed in range(3)]
+    labels = torch.zeros(8, dtype=torch.long)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the scan below sees the model trained on
+    with DeadNeuronMonitor(model, every=1, window=3) as monitor:
+        for batch in batches:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(**batch), labels).backward()
+            optimizer.step()
+    watched = monitor.report().layers[0]
+    scanned = deadneuron.scan(model.eval(), batches).layers[0]
+    assert {0, 1} <= set(watched.dead_units) and watched.dead_units == scanned.dead_units
+    assert watched.dormant_units == scanned.dormant_units
