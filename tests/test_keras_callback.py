@@ -397,3 +397,39 @@ def test_the_example_runs() -> None:
     assert "history keys: accuracy, dead_fraction, dead_fraction/hidden1, dead_fraction/hidden2, dormant_fraction, " \
         "grad_dead_fraction, loss" in done.stdout
     assert "CSV columns:  epoch,accuracy,dead_fraction," in done.stdout
+
+
+def test_each_epoch_reuses_the_first_traced_step_and_reports_a_fresh_scan() -> None:
+    """The probe loss draws its cotangents from the seed: a kept step must restart that stream and zero its
+    statistics, or later epochs would differ from a fresh scan (grad_abs_sum, grad_nonzero)."""
+    model = build(HIGH_LR)
+    callback, kept = DeadNeuronCallback(PROBE[0]), KeepWeights()
+    seen: list[int] = []
+
+    class Count(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            seen.append(len(callback._steps.watches))
+
+    fit(model, [callback, kept, Count()])
+    assert seen == [1, 1, 1]  # one step, traced at the first epoch, run at every epoch
+    for epoch, weights in kept.weights.items():
+        twin = build(HIGH_LR)
+        twin.set_weights(weights)
+        fresh = deadneuron.scan(twin, PROBE[0])
+        assert callback.reports[epoch].to_dict() == fresh.to_dict()
+        for a, b in zip(callback.reports[epoch].layers, fresh.layers, strict=True):
+            for name, value in vars(b.stats).items():
+                np.testing.assert_array_equal(getattr(a.stats, name), value, err_msg=f"{epoch} {b.name} {name}")
+    assert callback._steps.watches == {}  # let go when training ends
+
+
+def test_a_model_edited_between_two_fits_is_scanned_as_it_is_now() -> None:
+    model = build(LOW_LR)
+    callback = DeadNeuronCallback(PROBE)
+    fit(model, [callback], epochs=1)
+    assert callback.reports[0].layer("hidden2").kind == "relu"
+    model.get_layer("hidden2").activation = keras.activations.leaky_relu
+    model.compile(keras.optimizers.SGD(LOW_LR), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    fit(model, [callback], epochs=1)
+    assert callback.reports[0].layer("hidden2").kind == "leaky_relu"
+    assert callback.reports[0].to_dict() == deadneuron.scan(model, PROBE).to_dict()

@@ -171,6 +171,11 @@ class Accumulators:
         self.samples.assign_add(ops.stack([batches.get(name, (zero, zero))[0] for name in self.by_name]))
         self.grad_samples.assign_add(ops.stack([batches.get(name, (zero, zero))[1] for name in self.by_name]))
 
+    def reset(self) -> None:
+        """Every statistic back to zero, as a new scan starts (the variables stay: a traced step holds them)."""
+        for variable in (self.sums, self.max_abs, self.samples, self.grad_samples):
+            variable.assign(ops.zeros(variable.shape, variable.dtype))
+
     def sites(self) -> list[SiteAccumulator]:
         return list(self.by_name.values())
 

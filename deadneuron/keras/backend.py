@@ -15,8 +15,10 @@ by a loss would zero the gradient of confident samples); for a subclassed model 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -355,14 +357,79 @@ class KerasRun:
         logits = output_activation(model) if loss == "ce" else None
         if logits is not None:
             candidates.append(logits)
-        recorder = Recorder()
+        steps = _STEPS.get()
+        key = steps.key(model, candidates, options, loss, first) if steps is not None else None
+        kept = steps.watches.get(key) if steps is not None and key is not None else None
         saved = _snapshot(model)
         try:
+            if kept is not None:  # the same sites and inputs as a scan this owner made before: its traced step
+                kept.reset()
+                with Watch(candidates, kept.recorder):  # wrapped as then, should the step trace again
+                    yield kept
+                return
+            recorder = Recorder()
             with Watch(candidates, recorder):
                 sites, outputs = discover(model, first, recorder, options.unit_axis)
-                yield KerasWatch(self, recorder, sites, outputs, loss, options, found.unobserved)
+                watch = KerasWatch(self, recorder, sites, outputs, loss, options, found.unobserved)
+                if steps is not None and key is not None:
+                    steps.watches[key] = watch
+                yield watch
         finally:
             _restore(model, saved)
+
+
+class Steps:
+    """Traced scan steps kept across the scans of one owner: `DeadNeuronCallback` scans the same probe of the same
+    model every epoch, and tracing the step (and discovering the sites) cost more than scanning a small probe.
+
+    A kept step is used again only for the same model object, the same watched layers with the same `call` and
+    `activation` objects, the same options and loss, and inputs of the same shapes past the batch and dtypes; its
+    statistics variables and the probe's seed state are reset first, so each scan reports what a fresh one would.
+    The owner clears it when training starts (a model may be edited between two `fit` calls, never during one)."""
+
+    def __init__(self) -> None:
+        self.watches: dict[tuple[Any, ...], KerasWatch] = {}
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Scans in this block (this thread or task) keep their steps here and use the ones kept."""
+        token = _STEPS.set(self)
+        try:
+            yield
+        finally:
+            _STEPS.reset(token)
+
+    def key(
+        self, model: Any, candidates: list[Any], options: ScanOptions, loss: ResolvedLoss, first: Batch
+    ) -> tuple[Any, ...] | None:
+        def signature(t: Any) -> Any:
+            shape = getattr(t, "shape", None)
+            dtype = getattr(t, "dtype", None)
+            if shape is None or dtype is None:
+                return None
+            return tuple(None if d is None else int(d) for d in tuple(shape)[1:]), str(dtype)
+
+        inputs = [signature(t) for t in keras.tree.flatten(first.x)]
+        labels = [signature(t) for t in keras.tree.flatten(first.y)] if first.y is not None else []
+        if any(s is None for s in (*inputs, *labels)):
+            return None
+        watched = tuple((id(c.obj), c.attribute, c.kind, c.role, c.path, _held(c.obj, c.attribute)) for c in candidates)
+        return (id(model), watched, options, loss, tuple(inputs), tuple(labels))
+
+    def clear(self) -> None:
+        self.watches.clear()
+
+
+_STEPS: ContextVar[Steps | None] = ContextVar("deadneuron_keras_steps", default=None)
+
+
+def _held(obj: Any, attribute: str) -> int:
+    """The identity of what `obj.attribute` holds: its instance value (a fused `activation`), else the class's
+    (a layer's `call`); a bound method is made anew at each access and has no identity to keep."""
+    value = vars(obj).get(attribute, _MISSING)
+    if value is _MISSING:
+        value = inspect.getattr_static(type(obj), attribute, None)
+    return id(value)
 
 
 class KerasWatch:
@@ -387,7 +454,14 @@ class KerasWatch:
         self.output_shape = tuple(_single_output(outputs).shape) if loss in ("ce", "mse") else ()
         self.table = Accumulators(sites)
         self.generator = keras.random.SeedGenerator(options.seed) if loss == "probe" else None
+        self._seed_state = ops.convert_to_numpy(self.generator.state) if self.generator is not None else None
         self._step = (_tensorflow_step if _backend() == "tensorflow" else _torch_step)(self)
+
+    def reset(self) -> None:
+        """As a fresh scan starts: statistics zero, the probe's random stream from its seed again."""
+        self.table.reset()
+        if self.generator is not None:
+            self.generator.state.assign(self._seed_state)
 
     def parts(self) -> tuple[Any, Recorder, Accumulators, ResolvedLoss, Any]:
         """What a step closes over: the model, the recorder, the accumulators, the loss, the probe's seed."""

@@ -29,7 +29,7 @@ from ..core.window import WindowTracker, figures
 from ..errors import DeadNeuronError
 from ..report import Report
 from ..report.history import History
-from .backend import BACKEND
+from .backend import BACKEND, Steps
 
 logger = logging.getLogger("deadneuron.keras")
 
@@ -110,6 +110,7 @@ class DeadNeuronCallback(keras.callbacks.Callback):
         self.newly_dead: dict[str, list[int]] = {}
         self.revived: dict[str, list[int]] = {}
         self._tracker = WindowTracker("model", axis="epoch", alert=alert)
+        self._steps = Steps()  # each epoch's scan runs the step the first one traced (backend.Steps)
 
     @property
     def last_report(self) -> Report | None:
@@ -122,6 +123,7 @@ class DeadNeuronCallback(keras.callbacks.Callback):
         return self._tracker.history
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._steps.clear()  # the model may have been edited since the last fit
         self._tracker.history.model = getattr(self.model, "name", None) or "model"
         tf = sys.modules.get("tensorflow")
         if tf is not None and isinstance(self.probe, tf.data.Dataset):
@@ -131,12 +133,18 @@ class DeadNeuronCallback(keras.callbacks.Callback):
                     "dataset: drop .repeat() or use .take(n)"
                 )
 
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self._steps.clear()  # free the traced step and its variables
+
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if epoch % self.every_n_epochs:
             return
-        report = _outside_strategy(
-            lambda: engine.scan(BACKEND, self.model, self.probe, self.options, labels=self.labels)
-        )
+
+        def work() -> Report:
+            with self._steps.active():
+                return engine.scan(BACKEND, self.model, self.probe, self.options, labels=self.labels)
+
+        report = _outside_strategy(work)
         self.reports[epoch] = report
         if logs is not None:
             logs.update(figures(report, per_site=("dead_fraction",) if self.per_site else ()))
