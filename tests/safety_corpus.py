@@ -242,6 +242,19 @@ def pt2_cases(folder: Path, bombs: bool) -> list[Case]:
     buffer = io.BytesIO()
     torch.save(((shared,), {}), buffer)
     case("sample inputs of 2**64 shared leaves", sample_inputs(buffer.getvalue()), message="more than 100,000 values")
+    # an example input stored as an expanded view (one value on disk) and a graph that accepts its width: random
+    # inputs of that shape would take 10 GB a sample
+    wide_input = io.BytesIO()
+    torch.save(((torch.zeros(1, 1).expand(4, 1_250_000_000),), {}), wide_input)
+
+    def wide_program(document: dict[str, Any]) -> None:
+        meta = document["graph_module"]["graph"]["tensor_values"]["x"]
+        meta["sizes"][1], meta["strides"][0] = {"as_int": 1_250_000_000}, {"as_int": 1_250_000_000}
+
+    def wide(name: str, data: bytes) -> bytes:
+        return sample_inputs(wide_input.getvalue())(name, edit_program(wide_program)(name, data))
+
+    case("example input of 10 GB a sample", wide, message="would take 10,000,000,000 bytes a sample")
     case("sample inputs I0x10 pickle", sample_inputs(i0x10_pickle(marker)), message="sample_inputs")
     case("sample inputs torch.save payload", sample_inputs(payload), message="sample_inputs")
 

@@ -72,12 +72,25 @@ def first_rows(x: Any, n: int) -> Any:
 PLAIN = Source(size=leading, take=first_rows)
 
 
+# One random sample may take this much: a 3-D volume of 512**3 values does; an input shape declared by a file
+# (a .pt2's example input stored as an expanded view, a Keras input layer) may ask for any size at no cost.
+RANDOM_SAMPLE_LIMIT = 1 << 30
+
+
 def random_inputs(
     samples: int, shapes: Sequence[Shape], batch_size: int, seed: int, vocabulary: int | None = None
 ) -> Iterator[Any]:
     """`samples` standard-normal float32 inputs in batches, drawn batch by batch from `seed` (never all held at
     once). One array per shape; a single shape gives a plain array. The same draw whatever the backend, so
     `deadneuron.torch.distributed` can replay it rank by rank."""
+    for shape in shapes:
+        size = int(np.prod(shape, dtype=object)) * 8  # float32 or int64: at most 8 bytes a value
+        if size > RANDOM_SAMPLE_LIMIT:
+            raise DeadNeuronError(
+                f"random inputs of shape {tuple(shape)} would take {size:,} bytes a sample, more than "
+                f"{RANDOM_SAMPLE_LIMIT:,}; refused (a model file declares its own input shape: a crafted one could "
+                "exhaust memory); pass real data with --data, or a smaller --input-shape"
+            )
     rng = np.random.default_rng(seed)
     for start in range(0, samples, batch_size):
         n = min(batch_size, samples - start)
