@@ -68,3 +68,17 @@ def test_rows_that_do_not_fold_the_batch_are_listed_as_not_observed():
     report = deadneuron.scan(Routed(), torch.randn(N, L, D), batch_size=N, loss="none")
     assert not report.layers
     assert report.unobserved == ["act (its first axis is neither the batch (6) nor batch x tokens: shape (7, 16))"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_site_counts_its_inactive_positions_exactly(dtype):
+    """601 positions per sample: a bfloat16 sum of the 0/1 map is exact only to 256 (float16: 2048 in 3001 below),
+    so the inactive fraction was off by ~1e-3 per sample (301 ones summed to 300)."""
+    torch.manual_seed(0)
+    length = 601 if dtype == torch.bfloat16 else 3001
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU()).to(dtype).eval()
+    x = torch.randn(3, length, 4).to(dtype)
+    (layer,) = deadneuron.scan(model, x, loss="none").layers
+    with torch.no_grad():
+        out = model(x).float()
+    np.testing.assert_allclose(layer.stats.inactive_sum, (out == 0).double().mean(1).sum(0).numpy(), rtol=1e-12)

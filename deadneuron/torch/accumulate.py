@@ -133,7 +133,8 @@ class SiteAccumulator:
         """The output of a batch: fired, max |a|, non-finite, per-sample inactive fraction.
 
         `real`: (N, L, 1) True at the real tokens of an (N, L, D) site of a padded batch, whose padding `a` holds as
-        0; a sample's inactive fraction is then taken over its real tokens (a sample of padding only adds 0).
+        0; a sample's inactive fraction is then taken over its real tokens (a sample that is all padding counts as
+        inactive throughout, as one on which the unit never fired).
         Every op here costs a dispatch (a few microseconds) that a small model's step feels, so each per-sample
         quantity is computed once and reused."""
         self._check(a)
@@ -149,8 +150,10 @@ class SiteAccumulator:
                 ones.abs_()
         else:
             torch.abs(view, out=ones).gt_(self.atol)
-        counted: Any = positions if real is None else real.sum(1)[:valid].clamp_(min=1).to(ones.dtype)
-        zeros = counted - ones.sum(dim)[:valid]  # zero positions per (sample, unit); NaN where non-finite
+        # zero positions per (sample, unit), NaN where non-finite; counted in float32 whatever the site's dtype: a
+        # bfloat16 sum is exact only to 256 (301 ones summed to 300: a bf16 model's inactive rates were off)
+        counted: Any = positions if real is None else real.sum(1)[:valid].clamp_(min=1).to(torch.float32)
+        zeros = counted - ones.sum(dim, dtype=torch.float32)[:valid]
         nonfinite = peak.lt(_INF).logical_not_()  # peak >= 0: NaN and +inf fail `< inf` (2x faster than isfinite)
         f = self.fields
         fired = (peak > self.atol).sum(0)
