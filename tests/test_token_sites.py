@@ -82,3 +82,30 @@ def test_a_half_precision_site_counts_its_inactive_positions_exactly(dtype):
     with torch.no_grad():
         out = model(x).float()
     np.testing.assert_allclose(layer.stats.inactive_sum, (out == 0).double().mean(1).sum(0).numpy(), rtol=1e-12)
+
+
+def test_an_attention_mask_on_an_accelerator_is_used_without_reading_it():
+    """Whether a mask has zeros is read on the host only for a CPU mask: on a GPU that read waited for the device at
+    every training step of `DeadNeuronMonitor` (and every scan batch). A meta tensor stands for the device here: it
+    has no values, so any read raises."""
+    from deadneuron.torch.sites import real_tokens
+
+    ones = torch.ones(2, 3, dtype=torch.long)
+    assert real_tokens({"attention_mask": ones}, 2) is None  # on the CPU, nothing padded: no mask at all
+    on_device = real_tokens({"attention_mask": ones.to("meta")}, 2)
+    assert on_device is not None and on_device.device.type == "meta" and on_device.shape == (2, 3)
+
+
+def test_a_mask_of_ones_counts_as_no_mask():
+    """What an accelerator's unread mask of ones gives: the statistics of the unmasked scan."""
+    from deadneuron.report import SiteInfo
+    from deadneuron.torch.accumulate import SiteAccumulator
+
+    torch.manual_seed(1)
+    a = torch.relu(torch.randn(4, 7, 5))
+    plain, masked = (SiteAccumulator(SiteInfo("s", "relu", 5, 2), torch.device("cpu"), atol=0.0, gtol=0.0)
+                     for _ in range(2))
+    plain.post(a, 4)
+    masked.post(a, 4, torch.ones(4, 7, 1, dtype=torch.bool))
+    for name, value in plain.fields.items():
+        torch.testing.assert_close(masked.fields[name], value, msg=name)

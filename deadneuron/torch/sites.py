@@ -62,7 +62,9 @@ DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds")
 def real_tokens(x: Any, n: int | None) -> torch.Tensor | None:
     """(N, L) True at the real tokens of a batch of keyword inputs whose `attention_mask` pads some sequences, for
     `SiteWatcher.forward`; None when nothing is padded. Padding tokens are no positions of a token site
-    (design.md): a unit that fires only on padding is dead on the data."""
+    (design.md): a unit that fires only on padding is dead on the data. A mask on an accelerator is returned unread:
+    asking whether it has zeros would wait for the device at every step (`DeadNeuronMonitor` promises no sync
+    between window ends), and a mask of ones counts every position, as None does."""
     mask = x.get("attention_mask") if isinstance(x, dict) else None
     if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or n is None or int(mask.shape[0]) != n:
         return None
@@ -70,7 +72,7 @@ def real_tokens(x: Any, n: int | None) -> torch.Tensor | None:
         # an encoder-decoder: its decoder's sites may have the encoder's length without its padding
         return None
     real = mask != 0
-    return None if bool(real.all()) else real
+    return None if real.device.type == "cpu" and bool(real.all()) else real
 
 
 class _Token:
