@@ -552,3 +552,38 @@ def test_sites_with_a_folded_first_axis_are_reduced_apart_and_put_back_in_place(
     assert report.layer("folded").dead_units == [1]
     assert report.layer("last").dead_units == [2]
     assert 3 in report.layer("last").grad_dead_units
+
+
+def test_the_step_options_hold_in_this_thread_only_and_are_put_back():
+    """keras/graph.py: the scan's step runs without Grappler on CPU through TensorFlow's per-thread call options,
+    set around each call: another thread, the calls after it, and a call that raises keep their configuration."""
+    import threading
+
+    import tensorflow as tf
+    from tensorflow.core.protobuf import config_pb2
+    from tensorflow.python.eager import context
+
+    from deadneuron.keras.graph import step_options
+
+    if tf.config.list_logical_devices("GPU"):  # pragma: no cover - Grappler stays on where a GPU is visible
+        pytest.skip("the step keeps TensorFlow's defaults with a GPU")
+
+    def lean() -> bool:
+        proto = config_pb2.ConfigProto()
+        proto.ParseFromString(context.context().function_call_options.config_proto_serialized)
+        return proto.graph_options.rewrite_options.disable_meta_optimizer
+
+    before = context.context().function_call_options.config_proto_serialized
+    options = step_options()
+    seen: dict[str, bool] = {}
+    with options():
+        seen["inside"] = lean()
+        other = threading.Thread(target=lambda: seen.__setitem__("other thread", lean()))
+        other.start()
+        other.join()
+    seen["after"] = lean()
+    with pytest.raises(ValueError, match="boom"), options():
+        raise ValueError("boom")
+    seen["after an error"] = lean()
+    assert seen == {"inside": True, "other thread": False, "after": False, "after an error": False}
+    assert context.context().function_call_options.config_proto_serialized == before
