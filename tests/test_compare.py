@@ -159,3 +159,24 @@ def test_keras_compare_with_finetune_on_a_zoo_model():
     assert revival is not None and revival["formerly_dead"] == 3 and revival["revived_relu"] == 0
     assert all(np.array_equal(a, b) for a, b in zip(before, z.model.get_weights(), strict=False))
     assert keras.ops.convert_to_numpy(z.model(z.x)).shape == (len(z.x), 4)
+
+
+def test_keras_drift_of_a_softmax_classifier_is_taken_on_its_logits():
+    """A model that ends in a softmax: drift on the logits (the softmax's input), which a sub-model gives us here
+    independently; on the probabilities it would read near 0 where argmaxes move."""
+    keras = pytest.importorskip("keras")
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((12,))
+    hidden = keras.layers.Dense(32, activation="relu", name="hidden")(inputs)
+    logits = keras.layers.Dense(5, name="logits")(hidden)
+    model = keras.Model(inputs, keras.layers.Softmax(name="probs")(logits))
+    x = np.random.default_rng(0).standard_normal((64, 12)).astype("float32")
+    comparison = deadneuron.compare(model, x, batch_size=16)
+    swapped = deadneuron.swap(model)
+    before = np.asarray(keras.Model(model.inputs, model.get_layer("logits").output)(x), np.float64)
+    after = np.asarray(keras.Model(swapped.inputs, swapped.get_layer("logits").output)(x), np.float64)
+    expected = np.linalg.norm(after - before) / np.linalg.norm(before)
+    assert comparison.output_drift == pytest.approx(expected, rel=1e-5)
+    probabilities = np.linalg.norm(np.asarray(swapped(x)) - np.asarray(model(x))) / np.linalg.norm(np.asarray(model(x)))
+    assert abs(comparison.output_drift - probabilities) > 1e-3 * expected  # not the probabilities' drift
+    assert comparison.agreement == pytest.approx(float((before.argmax(1) == after.argmax(1)).mean()))
