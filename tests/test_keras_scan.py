@@ -587,3 +587,43 @@ def test_the_step_options_hold_in_this_thread_only_and_are_put_back():
     seen["after an error"] = lean()
     assert seen == {"inside": True, "other thread": False, "after": False, "after an error": False}
     assert context.context().function_call_options.config_proto_serialized == before
+
+
+def test_a_loads_variable_budget_counts_its_own_thread_only():
+    """keras/loading.VariableBudget wraps Keras's `Variable._validate_shape` while a file loads: a variable made
+    meanwhile by another thread (a user's training) was counted against the file's budget and refused with the
+    file's error, and two loads that ended out of order left the wrapper of the first in Keras for good."""
+    import threading
+
+    from keras.src.backend.common.variables import Variable
+
+    from deadneuron.keras.loading import VariableBudget
+
+    keras_own = Variable._validate_shape
+    entered, done = threading.Event(), threading.Event()
+    seen: dict[str, int] = {}
+
+    def loading() -> None:
+        with VariableBudget("small.keras", limit=1_000) as budget:
+            keras.Variable(np.zeros((10,), "float32"))  # its own: counted
+            entered.set()
+            done.wait(10)
+            seen["used"] = budget.used
+
+    worker = threading.Thread(target=loading)
+    worker.start()
+    try:
+        assert entered.wait(10)
+        other = VariableBudget("other.keras", limit=1 << 30).__enter__()  # a second load, in this thread
+        keras.Variable(np.zeros((1000, 1000), "float32"))  # 4 MB in this thread: not the small file's
+        assert other.used == 4_000_000
+    finally:
+        done.set()
+        worker.join(10)
+    other.__exit__(None, None, None)  # the loads end in the order they began: the worker's first
+    assert seen == {"used": 40}
+    assert Variable._validate_shape is keras_own
+    with pytest.raises(DeadNeuronError, match=r"small.keras: its model config asks for 4,000,000 bytes"), \
+            VariableBudget("small.keras", limit=1_000):
+        keras.Variable(np.zeros((1000, 1000), "float32"))
+    assert Variable._validate_shape is keras_own

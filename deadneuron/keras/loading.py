@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import zipfile
 from typing import Any
 
@@ -81,39 +82,67 @@ class VariableBudget:
     """While a model loads: every Keras variable's size is counted when its shape is fixed, before its value is
     allocated, and the load stops once the model needs more than `limit` bytes. Keras builds every layer of the
     config and fills it with initial values before it reads the weights and compares shapes, so a config that
-    asks for a Dense layer of ten million units would take 20 GB, whatever the file holds."""
+    asks for a Dense layer of ten million units would take 20 GB, whatever the file holds.
+
+    Keras offers no hook there, so `Variable._validate_shape` is wrapped while any load runs. The budget counts the
+    variables of its own thread only: another thread's model (a user training while a file loads) is neither
+    counted nor refused, and loads in two threads that end in any order leave Keras as it was."""
 
     def __init__(self, path: str, limit: int) -> None:
         self.path, self.limit, self.used = path, limit, 0
         self.exceeded: DeadNeuronError | None = None
+        self._outer: VariableBudget | None = None
 
     def __enter__(self) -> VariableBudget:
-        from keras.src.backend.common.variables import Variable
-
-        self.cls, self.original = Variable, Variable._validate_shape
-        budget = self
-
-        def counted(variable: Any, shape: Any) -> Any:
-            shape = budget.original(variable, shape)
-            try:
-                itemsize = np.dtype(variable._dtype).itemsize
-            except TypeError:  # bfloat16 and the like
-                itemsize = 4
-            budget.used += math.prod(int(n) for n in shape) * itemsize
-            if budget.used > budget.limit:
-                budget.exceeded = DeadNeuronError(
-                    f"{budget.path}: its model config asks for {budget.used:,} bytes of variables or more (a "
-                    f"{tuple(shape)} variable among them), more than twice the file's size; refused (building it "
-                    "would exhaust memory); expected the config saved with these weights"
-                )
-                raise budget.exceeded
-            return shape
-
-        Variable._validate_shape = counted
+        _patch(+1)
+        self._outer = getattr(_BUDGET, "current", None)
+        _BUDGET.current = self
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.cls._validate_shape = self.original
+        _BUDGET.current = self._outer
+        _patch(-1)
+
+    def count(self, variable: Any, shape: Any) -> None:
+        try:
+            itemsize = np.dtype(variable._dtype).itemsize
+        except TypeError:  # bfloat16 and the like
+            itemsize = 4
+        self.used += math.prod(int(n) for n in shape) * itemsize
+        if self.used > self.limit:
+            self.exceeded = DeadNeuronError(
+                f"{self.path}: its model config asks for {self.used:,} bytes of variables or more (a "
+                f"{tuple(shape)} variable among them), more than twice the file's size; refused (building it "
+                "would exhaust memory); expected the config saved with these weights"
+            )
+            raise self.exceeded
+
+
+_BUDGET = threading.local()  # .current: the VariableBudget of the load running in this thread
+_PATCH_LOCK = threading.Lock()
+_PATCH: dict[str, Any] = {"loads": 0, "original": None}  # loads in progress in all threads; Keras's own method
+
+
+def _patch(change: int) -> None:
+    """One more (+1) or one fewer (-1) load in progress: the first wraps `Variable._validate_shape`, the last puts
+    Keras's own back."""
+    from keras.src.backend.common.variables import Variable
+
+    with _PATCH_LOCK:
+        if change > 0 and _PATCH["loads"] == 0:
+            original = _PATCH["original"] = Variable._validate_shape
+
+            def counted(variable: Any, shape: Any) -> Any:
+                shape = original(variable, shape)
+                budget = getattr(_BUDGET, "current", None)
+                if budget is not None:
+                    budget.count(variable, shape)
+                return shape
+
+            Variable._validate_shape = counted
+        _PATCH["loads"] += change
+        if change < 0 and _PATCH["loads"] == 0:
+            Variable._validate_shape = _PATCH["original"]
 
 
 # A .keras archive's JSON is parsed whole, and a compressed member is inflated whole: caps fixed before reading.
