@@ -11,6 +11,9 @@ What is read, and how:
   its checkpoint conversion mapping (transformers 5 saves ViT's `encoder.layer.0.attention.attention.query` and
   loads it as `layers.0.attention.q_proj`); no file is read by transformers. `pytorch_model.bin` and other
   pickled weights are refused.
+- Before transformers builds anything: no `*_implementation` setting may name a Hub kernel (`org/repo`), no layer
+  count may exceed the tensors the safetensors headers list, and the model built on the meta device may take at
+  most twice the weights' bytes (plus UNSAVED_ALLOWANCE): a 2 kB config cannot ask for all the memory.
 - transformers is an optional extra (`pip install 'deadneuron[hf]'`); without it the error says so.
 """
 

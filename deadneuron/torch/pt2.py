@@ -10,10 +10,12 @@ disagree on duplicated names. Here:
    custom-object constants, extra models);
 2. every member is read in chunks against a cap fixed before reading (tensor members may not expand beyond what
    their tensors need, JSON members are capped), so a small file cannot grow to gigabytes;
-3. the program's JSON is checked before torch sees it: every graph target is a compute operator of an allowed
-   namespace, every symbolic-shape expression a plain one; `guards_code` is dropped (never exec'd);
+3. the program's JSON is checked before torch sees it: every graph target, and every operator passed as an
+   argument, is a compute operator of an allowed namespace, every symbolic-shape expression a plain one (symbols
+   of small index), every name torch's code generator writes into Python a plain name; `guards_code` is dropped
+   (never exec'd);
 4. tensors are built from the raw bytes, the one pickle (the sample inputs) is read by torch's weights-only
-   unpickler, the one that checks it is the one that loads it;
+   unpickler, the one that checks it is the one that loads it, and its tree is counted (shared objects too);
 5. torch's deserializer gets these checked pieces, and the graph it builds is checked again: every call is an
    operator whose schema takes tensors, scalars, lists, dtypes and the like (a `str` only where it is a mode or
    a message), placeholders hold tensors or numbers, and no text can reach generated code as a new line.
