@@ -225,6 +225,26 @@ def test_sympify_guard_holds_without_the_archive_check(tmp_path):
     assert sympy.sympify.__module__.startswith("sympy")  # put back
 
 
+def test_names_torch_allows_load(tmp_path, capsys):
+    """The name rules refuse quotes, backslashes and white space, not the names models have: ModuleDict keys with
+    dashes, Sequential indices, a module called twice (fc@1 in the module call graph)."""
+
+    class Named(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleDict({"block-1": torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())})
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(self.fc(self.blocks["block-1"](x)))
+
+    program = torch.export.export(Named().eval(), (torch.randn(4, 8),))
+    torch.export.save(program, tmp_path / "named.pt2")
+    code, lines, out = _cli(capsys, "inspect", tmp_path / "named.pt2")
+    assert code == 0, lines
+    assert "blocks.block-1.1" in out
+
+
 @pytest.mark.parametrize("argument", [os.system, "aten.from_file"], ids=["a function", "a refused operator"])
 def test_graph_check_refuses_an_operator_argument_without_the_json_check(argument):
     """Defence in depth: a graph torch built (whatever path led there) whose higher-order op is handed something

@@ -43,6 +43,7 @@ from ..errors import DeadNeuronError
 from .pt2_program import (
     EXPECTED,
     MODEL,
+    PATH_PART,
     check_graph,
     check_inputs_spec,
     check_program_json,
@@ -66,7 +67,7 @@ _FIXED = frozenset(
 )
 _PAYLOAD_NAME = re.compile(r"(weight|tensor)_[0-9]+")
 # A parameter, buffer or constant name: torch writes its parts into generated Python between quotes
-_FQN = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
+_FQN = re.compile(rf"{PATH_PART}(?:\.{PATH_PART})*")
 # What torch warns when the Python it generates from a graph does not compile (a crafted argument's text)
 _UNCOMPILED = "Unable to execute the generated python source code"
 

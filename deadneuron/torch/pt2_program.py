@@ -242,28 +242,29 @@ def _walk_nodes(value: Any) -> Any:
 # Names torch writes into the Python it generates from a graph, unquoted (`def forward(self, NAME)`, `NAME = ...`)
 # or between quotes it does not escape (`getattr(self, "PART")`): a name holding other characters is code.
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_DOTTED = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")  # a module path: layers.0.weight
-_CALL_FQN = re.compile(r"[A-Za-z0-9_]+(?:@[0-9]+)?(?:\.[A-Za-z0-9_]+(?:@[0-9]+)?)*")  # a call of a module: fc1@1
+# A part of a module path: what nn.Module accepts as a child's name (a ModuleDict key such as `block-1` too), but no
+# quote, backslash, white space or control character, which could close or continue `getattr(self, "PART")`.
+PATH_PART = r"[^\"'\\\s.\x00-\x1f\x7f]+"
+_DOTTED = re.compile(rf"{PATH_PART}(?:\.{PATH_PART})*")  # a module path: layers.0.weight, a call of one: fc1@1
 
 
 def name_problem(key: str, value: Any) -> str | None:
     """Why the value of a program's JSON field `key` is not a plain name where torch expects one, or None (fields
     that hold no name pass)."""
-    import keyword
-
     if key in ("name", "as_name", "user_input_name") or key == "forward_arg_names[]":
         rule, what = IDENTIFIER, "a Python identifier"
     elif key in ("parameter_name", "buffer_name", "tensor_constant_name", "custom_obj_name"):
-        rule, what = _DOTTED, "a module path of letters, digits and underscores"
+        rule, what = _DOTTED, "a module path without quotes, backslashes or white space"
     elif key == "fqn":
-        rule, what = _CALL_FQN, "a module path"
+        rule, what = _DOTTED, "a module path"
         if value == "":
             return None
     else:
         return None
     if value is None or (value == "" and key == "name"):  # unnamed nodes and positional arguments
         return None
-    if not isinstance(value, str) or not rule.fullmatch(value) or (rule is IDENTIFIER and keyword.iskeyword(value)):
+    # a keyword (an operator's argument named `from`) is no code: at worst the generated Python does not compile
+    if not isinstance(value, str) or not rule.fullmatch(value):
         label = {"forward_arg_names[]": "forward argument name", "as_name": "name", "fqn": "module path"}.get(key, key)
         return f"the {label.replace('_', ' ')} {str(value)[:60]!r}, which is not {what}"
     return None
