@@ -352,3 +352,21 @@ def test_batches_as_users_hold_them_agree(bert):
     # keyword inputs with labels: the model's own loss; positional inputs cannot take labels=, so ce from 'auto'
     assert deadneuron.scan(bert, whole, batch_size=8).loss == "model"
     assert deadneuron.scan(bert, forms["((inputs...), labels) pairs"]).loss == "ce"
+
+
+@pytest.mark.slow
+def test_a_config_key_that_names_layers_without_counting_them_is_not_refused(tmp_path):
+    """Qwen2's max_window_layers (28 by default) is a threshold, not a count of built layers: a one-layer Qwen2
+    (15 tensors) was refused as a config that describes more layers than its weights hold."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    assert config.max_window_layers == 28
+    transformers.Qwen2ForCausalLM(config).save_pretrained(tmp_path / "qwen2")
+    result = run_cli("inspect", str(tmp_path / "qwen2"))
+    assert result.returncode == 0, result.stderr
+    assert "model.layers.0.mlp.act_fn" in result.stdout

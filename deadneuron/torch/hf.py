@@ -258,17 +258,22 @@ def _layer_counts(config: Any, where: str = "") -> list[tuple[str, int]]:
     return found
 
 
+# Not every "layer" key is a count of built layers: Qwen2's max_window_layers is 28 by default, more than the 15
+# tensors of a one-layer Qwen2. A count below this is left to the meta-device build, which is cheap at that size.
+LAYER_FLOOR = 512
+
+
 def _check_size(cls: Any, config_object: Any, config: dict[str, Any], files: list[str], file: str) -> None:
     """Refuse a config that describes a model far larger than its weights, before building it: transformers
     allocates and initializes every tensor the config describes, so a 2 kB config.json could take all memory.
 
-    Every layer holds at least one saved tensor, so no layer count may exceed the tensors in the files (a count
-    of a million would take gigabytes of Python objects even without tensors); then the model is built on the meta
-    device (shapes only), and its tensors may take at most twice the weights' bytes on disk plus
-    UNSAVED_ALLOWANCE."""
+    Every layer holds at least one saved tensor, so no layer count may exceed the tensors in the files, nor
+    LAYER_FLOOR, whichever is more (a count of a million would take gigabytes of Python objects even without
+    tensors); then the model is built on the meta device (shapes only), and its tensors may take at most twice the
+    weights' bytes on disk plus UNSAVED_ALLOWANCE."""
     tensors = _tensor_count(files)
     for key, value in _layer_counts(config):
-        if value > max(tensors, 1):
+        if value > max(tensors, LAYER_FLOOR):
             raise DeadNeuronError(
                 f"{file} sets {key} to {value:,}, but the weights hold {tensors:,} tensors; refused (building the "
                 "model would exhaust memory); expected the config.json saved with these weights"
