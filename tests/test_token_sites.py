@@ -91,8 +91,8 @@ def test_an_attention_mask_on_an_accelerator_is_used_without_reading_it():
     from deadneuron.torch.sites import real_tokens
 
     ones = torch.ones(2, 3, dtype=torch.long)
-    assert real_tokens({"attention_mask": ones}, 2) is None  # on the CPU, nothing padded: no mask at all
-    on_device = real_tokens({"attention_mask": ones.to("meta")}, 2)
+    assert real_tokens({"attention_mask": ones}, 2, nn.ReLU()) is None  # on the CPU, nothing padded: no mask at all
+    on_device = real_tokens({"attention_mask": ones.to("meta")}, 2, nn.ReLU())
     assert on_device is not None and on_device.device.type == "meta" and on_device.shape == (2, 3)
 
 

@@ -475,3 +475,34 @@ def test_options_and_misuse_are_clear_errors():
         DeadNeuronMonitor(model).step()
     with pytest.raises(DeadNeuronError, match="cannot monitor a str"):
         DeadNeuronMonitor("model")  # type: ignore[arg-type]
+
+
+def test_an_encoder_decoder_trained_with_labels_is_not_masked_by_the_encoders_padding():
+    """T5 trained as usual (input_ids, attention_mask, labels: its decoder inputs built inside from the labels), the
+    labels as long as the inputs: the encoder's attention mask fitted the decoder's (N, L) sites and cut their
+    positions under the monitor (the scan adds decoder_input_ids before it looks, the monitor sees the user's call)."""
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        vocab_size=40, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=4,
+        feed_forward_proj="relu", decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0,
+    )
+    model = transformers.T5ForConditionalGeneration(config).train()
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 40, (6, 10), generator=generator)
+    mask = (torch.arange(10) < torch.tensor([10, 4, 6, 3, 8, 2])[:, None]).long()
+    batch = {"input_ids": ids * mask, "attention_mask": mask, "labels": ids}
+    site = "decoder.block.0.layer.2.DenseReluDense.act"
+    seen = {}
+    handle = dict(model.named_modules())[site].register_forward_hook(
+        lambda module, args, out: seen.update(a=out.detach())
+    )
+    try:
+        with DeadNeuronMonitor(model, every=1, window=1) as monitor:
+            model(**batch).loss.backward()
+    finally:
+        handle.remove()
+    stats = monitor.report().layer(site).stats
+    assert stats is not None
+    np.testing.assert_allclose(stats.inactive_sum, (seen["a"] == 0).double().mean(1).sum(0).numpy(), rtol=1e-9)

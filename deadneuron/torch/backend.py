@@ -37,7 +37,7 @@ from .decomposed import fold
 from .loading import load_model
 from .objective import Probe, batch_probe, first_output, own_loss, task_loss
 from .program_inputs import KeywordInputs, cut, embedding_rows, keyword_inputs
-from .sites import DECODER_INPUTS, SiteWatcher, graph_sites, real_tokens
+from .sites import DECODER_INPUTS, SiteWatcher, graph_sites, is_encoder_decoder, real_tokens
 from .swap import copy_model, swap_file, swap_for_scan, swap_model
 
 __all__ = ["BACKEND", "TorchRun", "prepare", "train", "with_probe"]
@@ -119,7 +119,7 @@ class TorchRun:
             if self.labels_input and isinstance(x, dict) and "labels" not in x:
                 x = {**x, "labels": y}  # the program cannot run without them (compare, inspect)
             x = _decoder_inputs(self.module, x, y)
-        elif _is_encoder_decoder(self.module):
+        elif is_encoder_decoder(self.module):
             x = self._teacher_forced(x)
         if self.keywords is not None and isinstance(x, (torch.Tensor, dict)):
             x = self.keywords.complete(x)  # one tensor is the main keyword; missing keywords follow the example
@@ -322,10 +322,6 @@ def _device_dtype(module: nn.Module, fallback: torch.dtype | None) -> tuple[torc
     return torch.device("cpu"), fallback or torch.get_default_dtype()
 
 
-def _is_encoder_decoder(module: nn.Module) -> bool:
-    return bool(getattr(getattr(module, "config", None), "is_encoder_decoder", False))
-
-
 def _decoder_inputs(module: nn.Module, x: Any, y: torch.Tensor | None) -> Any:
     """A labelled batch of keyword inputs for a transformers encoder-decoder with its decoder inputs added, built
     from the labels by the model's own `prepare_decoder_input_ids_from_labels` (T5's and BART's right shift), as
@@ -334,7 +330,7 @@ def _decoder_inputs(module: nn.Module, x: Any, y: torch.Tensor | None) -> Any:
     if y is None or not isinstance(x, dict) or any(key in x for key in DECODER_INPUTS):
         return x
     prepare = getattr(module, "prepare_decoder_input_ids_from_labels", None)
-    if not _is_encoder_decoder(module) or prepare is None or y.is_floating_point():
+    if not is_encoder_decoder(module) or prepare is None or y.is_floating_point():
         return x
     return {**x, "decoder_input_ids": prepare(labels=y)}
 
@@ -365,7 +361,7 @@ def _missing_inputs(module: nn.Module, x: Any, labels: torch.Tensor | None) -> s
             f"{name} takes {main} (its main input), which the batch lacks; expected inputs named after the model's "
             f"keyword arguments ({main}=..., in an .npz or each batch's mapping)"
         )
-    if _is_encoder_decoder(module) and labels is None and not any(key in keys for key in DECODER_INPUTS):
+    if is_encoder_decoder(module) and labels is None and not any(key in keys for key in DECODER_INPUTS):
         return (
             f"{name} is an encoder-decoder model and its decoder got no input; expected decoder_input_ids beside "
             f"{main} (an .npz array or a batch key of that name), or labels (from which the model builds them)"
@@ -468,7 +464,7 @@ class TorchWatch:
     def step(self, batch: Batch) -> None:
         x, y, valid = batch.x, batch.y, batch.valid
         n = leading(x)
-        real = real_tokens(x, n)
+        real = real_tokens(x, n, self.run.module)
         first, self.first = self.first, False
         if self.loss == "none":
             with torch.no_grad(), self.watcher.forward(n, valid, real):

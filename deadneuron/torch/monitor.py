@@ -266,7 +266,7 @@ class DeadNeuronMonitor:
         if not self._attached or self._scope is not None or not (module.training and torch.is_grad_enabled()):
             return
         n = _first_batch_size([*args, *(kwargs or {}).values()])
-        self._open(n, "root", real_tokens(kwargs, n))  # a padded batch's keyword attention_mask
+        self._open(n, "root", real_tokens(kwargs, n, module))  # a padded batch's keyword attention_mask
 
     def _root_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if self._scope_owner == "root":

@@ -59,7 +59,7 @@ _UNOBSERVED = -1  # `SiteWatcher._tokens`: the site's layout is not one a scan c
 DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds")
 
 
-def real_tokens(x: Any, n: int | None) -> torch.Tensor | None:
+def real_tokens(x: Any, n: int | None, model: nn.Module) -> torch.Tensor | None:
     """(N, L) True at the real tokens of a batch of keyword inputs whose `attention_mask` pads some sequences, for
     `SiteWatcher.forward`; None when nothing is padded. Padding tokens are no positions of a token site
     (design.md): a unit that fires only on padding is dead on the data. A mask on an accelerator is returned unread:
@@ -68,11 +68,17 @@ def real_tokens(x: Any, n: int | None) -> torch.Tensor | None:
     mask = x.get("attention_mask") if isinstance(x, dict) else None
     if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or n is None or int(mask.shape[0]) != n:
         return None
-    if any(key in x for key in DECODER_INPUTS):
-        # an encoder-decoder: its decoder's sites may have the encoder's length without its padding
+    if any(key in x for key in DECODER_INPUTS) or is_encoder_decoder(model):
+        # an encoder-decoder: its decoder's sites may have the encoder's length without its padding (also when the
+        # model builds its decoder inputs from labels, as a training step under DeadNeuronMonitor calls it)
         return None
     real = mask != 0
     return None if real.device.type == "cpu" and bool(real.all()) else real
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """A transformers encoder-decoder (T5, BART, Whisper), as its config says."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 class _Token:
