@@ -82,6 +82,9 @@ def is_encoder_decoder(model: nn.Module) -> bool:
 
 
 class _Token:
+    """One call of a site: its accumulator, its real samples, and how its tensors map to (sample, position, unit)
+    (`unfold`); the gradient hooks of the call hold it."""
+
     __slots__ = ("acc", "output_grad", "valid", "tokens", "real")
 
     def __init__(
@@ -92,6 +95,10 @@ class _Token:
         self.valid = valid
         self.tokens = tokens  # rows per sample of a folded (N*L, D) activation, None when axis 0 is the batch
         self.real = real  # (N, L, 1) True at real tokens of an (N, L, D) site of a padded batch; None: all real
+
+    def unfold(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` (the pre-activation, output or a gradient of this call) as the accumulator reads it."""
+        return unfold(t, self.tokens, self.real)
 
 
 def unfold(t: torch.Tensor, tokens: int | None, real: torch.Tensor | None = None) -> torch.Tensor:
@@ -264,12 +271,12 @@ class SiteWatcher:
         if tokens == _UNOBSERVED:
             return None
         valid = self.valid if self.n is not None else int(z.shape[0])
+        shaped = unfold(z, tokens)
         acc = self.accumulators.get(name)
         if acc is None:
-            acc = self._new_site(name, kind, unfold(z, tokens), tokens is not None)
-        real = self._real(acc, unfold(z, tokens))
-        acc.pre(unfold(z, tokens, real), valid)
-        output_grad = False
+            acc = self._new_site(name, kind, shaped, tokens is not None)
+        token = _Token(acc, False, valid, tokens, self._real(acc, shaped))
+        acc.pre(token.unfold(z), valid)
         if self.gradients:
             if not z.requires_grad:
                 self._warn(
@@ -280,13 +287,13 @@ class SiteWatcher:
                 # An in-place call on a view never fires a hook on its input (field notes): take the
                 # output's gradient times the derivative read from the output.
                 if kind in _OUTPUT_DERIVATIVE:
-                    output_grad = True
+                    token.output_grad = True
                 else:
                     self._warn(f"gradient of {name} not observed: an in-place {kind} on a view")
             else:
-                z.register_hook(partial(_grad_hook, acc, valid, tokens, real))
+                z.register_hook(partial(_grad_hook, token))
                 acc.grad_samples += valid
-        return _Token(acc, output_grad, valid, tokens, real)
+        return token
 
     def after(self, token: _Token | None, out: Any) -> None:
         if token is None or not isinstance(out, torch.Tensor):
@@ -299,23 +306,14 @@ class SiteWatcher:
             self.busy = False
 
     def _after(self, token: _Token, out: torch.Tensor) -> None:
-        token.acc.post(unfold(out, token.tokens, token.real), token.valid, token.real)
+        token.acc.post(token.unfold(out), token.valid, token.real)
         if token.output_grad:
             # The gradient reaches the modified region through the view's base, whether the model goes on
             # with the base or with the view: hook the base and cut the view's region out of its gradient.
             base = out._base
             if base is not None and base.requires_grad and base.is_contiguous():
-                base.register_hook(
-                    partial(
-                        _view_grad_hook,
-                        token.acc,
-                        token.valid,
-                        token.tokens,
-                        token.real,
-                        out,
-                        int(out.storage_offset() - base.storage_offset()),
-                    )
-                )
+                offset = int(out.storage_offset() - base.storage_offset())
+                base.register_hook(partial(_view_grad_hook, token, out, offset))
                 token.acc.grad_samples += token.valid
             else:
                 self._warn(
@@ -385,25 +383,15 @@ def _fused_experts(parent: nn.Module | None) -> str | None:
     )
 
 
-def _grad_hook(
-    acc: SiteAccumulator, valid: int, tokens: int | None, real: torch.Tensor | None, grad: torch.Tensor
-) -> None:
+def _grad_hook(token: _Token, grad: torch.Tensor) -> None:
     with torch.no_grad():
-        acc.grad(unfold(grad, tokens, real), valid)
+        token.acc.grad(token.unfold(grad), token.valid)
 
 
-def _view_grad_hook(
-    acc: SiteAccumulator,
-    valid: int,
-    tokens: int | None,
-    real: torch.Tensor | None,
-    out: torch.Tensor,
-    offset: int,
-    grad: torch.Tensor,
-) -> None:
+def _view_grad_hook(token: _Token, out: torch.Tensor, offset: int, grad: torch.Tensor) -> None:
     with torch.no_grad():
         region = grad.contiguous().as_strided(out.size(), out.stride(), offset)
-        acc.grad(unfold(region * _OUTPUT_DERIVATIVE[acc.info.kind](out), tokens, real), valid)
+        token.acc.grad(token.unfold(region * _OUTPUT_DERIVATIVE[token.acc.info.kind](out)), token.valid)
 
 
 def _own_ops() -> Any:
