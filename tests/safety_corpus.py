@@ -507,6 +507,19 @@ def keras_cases(folder: Path, bombs: bool) -> list[Case]:
 
     cases.append(Case("Dense of ten million units in .keras", rewrite(good, folder / "wide.keras", wide), scan,
                       message=r"asks for 20,480,019,200 bytes of variables"))
+
+    def callback(name: str, data: bytes) -> bytes:  # a Keras class whose constructor makes a folder, as a layer
+        if name != "config.json":
+            return data
+        config = json.loads(data)
+        layers = config["config"]["layers"]
+        layers[2] = {"module": "keras.callbacks", "class_name": "BackupAndRestore", "registered_name": None,
+                     "config": {"backup_dir": str(folder / MARKER)}, "name": "x",
+                     "inbound_nodes": layers[2]["inbound_nodes"]}
+        return json.dumps(config).encode()
+
+    cases.append(Case("Keras callback as a layer", rewrite(good, folder / "callback.keras", callback), scan,
+                      message="could not be deserialized"))
     if bombs:
         baseline = ["scan", str(good), "--samples", "4"]
         config = zipfile.ZipFile(good).read("config.json")
