@@ -358,15 +358,16 @@ def _edit_config(folder, **changes):
     "changes, message",
     [
         # transformers would allocate and initialize every tensor these describe (hundreds of GB), weights or not
-        ({"n_layer": 10**6}, r"sets n_layer to 1,000,000, but the weights hold 28 tensors"),
         ({"n_layer": 200, "n_embd": 8192, "n_inner": 32768}, r"describes a model of .* bytes, but its weights hold"),
+        # a million small blocks: gigabytes of Python objects before any tensor, stopped by counting them
+        ({"n_layer": 1_000_000}, r"more than 10,448 modules, parameters and buffers, but its weights hold 28"),
         ({"n_positions": 4_000_000}, r"describes a model of 512,081,024 bytes, but its weights hold"),
         ({"vocab_size": 10**9}, r"describes a model of .* bytes, but its weights hold"),
         # an `org/repo` attention implementation is a kernel transformers downloads from the Hub and loads
         ({"attn_implementation": "kernels-community/flash-attn"}, r"sets attn_implementation to 'kernels-commu"),
         ({"attn_implementation": {"text_config": "evil/kernel"}}, r"attn_implementation\[.text_config.\] to .evil"),
     ],
-    ids=["layers", "wide layers", "positions", "vocabulary", "hub kernel", "hub kernel per sub-config"],
+    ids=["layers", "a million layers", "positions", "vocabulary", "hub kernel", "hub kernel per sub-config"],
 )
 def test_transformers_configs_that_would_exhaust_memory_or_fetch_code_are_refused(gpt2_dir, capsys, changes,
                                                                                    message):

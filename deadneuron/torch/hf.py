@@ -11,9 +11,9 @@ What is read, and how:
   its checkpoint conversion mapping (transformers 5 saves ViT's `encoder.layer.0.attention.attention.query` and
   loads it as `layers.0.attention.q_proj`); no file is read by transformers. `pytorch_model.bin` and other
   pickled weights are refused.
-- Before transformers builds anything: no `*_implementation` setting may name a Hub kernel (`org/repo`), no layer
-  count may exceed the tensors the safetensors headers list, and the model built on the meta device may take at
-  most twice the weights' bytes (plus UNSAVED_ALLOWANCE): a 2 kB config cannot ask for all the memory.
+- Before transformers builds anything: no `*_implementation` setting may name a Hub kernel (`org/repo`), and the
+  model built on the meta device may register only so many modules, parameters and buffers per saved tensor and
+  take at most twice the weights' bytes (plus UNSAVED_ALLOWANCE): a 2 kB config cannot ask for all the memory.
 - transformers is an optional extra (`pip install 'deadneuron[hf]'`); without it the error says so.
 """
 
@@ -197,7 +197,7 @@ def load_pretrained(path: str | os.PathLike[str]) -> nn.Module:
         raise
     except Exception as error:  # a config whose values this transformers cannot build
         raise _unbuildable(transformers, cls, file, error) from error
-    _check_size(cls, config_object, config, files, file)
+    _check_size(cls, config_object, files, file)
     state = _read_weights(files)
     try:
         with _transformers_quiet(transformers):
@@ -247,40 +247,63 @@ def _tensor_count(files: list[str]) -> int:
     return count
 
 
-def _layer_counts(config: Any, where: str = "") -> list[tuple[str, int]]:
-    """(key, value) of every integer in the config (nested configs too) whose key names a number of layers."""
-    found = []
-    for key, value in config.items():
-        if isinstance(value, dict):
-            found += _layer_counts(value, f"{where}{key}.")
-        elif "layer" in key and isinstance(value, int) and not isinstance(value, bool):
-            found.append((where + key, value))
-    return found
+# A model registers a few modules, parameters and buffers per saved tensor (activations, dropouts and norms hold
+# none); a count far beyond is a config that multiplies blocks (xLSTM's num_blocks, an expert count) for nothing.
+OBJECTS_PER_TENSOR = 16
+OBJECTS_ALLOWANCE = 10_000
 
 
-# Not every "layer" key is a count of built layers: Qwen2's max_window_layers is 28 by default, more than the 15
-# tensors of a one-layer Qwen2. A count below this is left to the meta-device build, which is cheap at that size.
-LAYER_FLOOR = 512
+class _TooMany(Exception):
+    """More modules, parameters and buffers registered than the budget: raised from torch's registration hooks."""
 
 
-def _check_size(cls: Any, config_object: Any, config: dict[str, Any], files: list[str], file: str) -> None:
+class _Counter:
+    def __init__(self, limit: int) -> None:
+        self.limit, self.count = limit, 0
+
+    def __call__(self, *args: Any) -> None:
+        self.count += 1
+        if self.count > self.limit:
+            raise _TooMany
+
+
+@contextmanager
+def _registrations(limit: int) -> Iterator[_Counter]:
+    """While building a model: every module, parameter and buffer registered anywhere is counted, and the build
+    stops (`_TooMany`) past `limit`, before the objects of a crafted config fill the memory."""
+    from torch.nn.modules import module
+
+    counter = _Counter(limit)
+    handles = [
+        module.register_module_module_registration_hook(counter),
+        module.register_module_parameter_registration_hook(counter),
+        module.register_module_buffer_registration_hook(counter),
+    ]
+    try:
+        yield counter
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _check_size(cls: Any, config_object: Any, files: list[str], file: str) -> None:
     """Refuse a config that describes a model far larger than its weights, before building it: transformers
     allocates and initializes every tensor the config describes, so a 2 kB config.json could take all memory.
 
-    Every layer holds at least one saved tensor, so no layer count may exceed the tensors in the files, nor
-    LAYER_FLOOR, whichever is more (a count of a million would take gigabytes of Python objects even without
-    tensors); then the model is built on the meta device (shapes only), and its tensors may take at most twice the
-    weights' bytes on disk plus UNSAVED_ALLOWANCE."""
+    The model is built first on the meta device (shapes only), counting the modules, parameters and buffers it
+    registers (a million blocks would take gigabytes of Python objects even without tensors: at most
+    OBJECTS_PER_TENSOR per saved tensor); its tensors may take at most twice the weights' bytes on disk plus
+    UNSAVED_ALLOWANCE."""
     tensors = _tensor_count(files)
-    for key, value in _layer_counts(config):
-        if value > max(tensors, LAYER_FLOOR):
-            raise DeadNeuronError(
-                f"{file} sets {key} to {value:,}, but the weights hold {tensors:,} tensors; refused (building the "
-                "model would exhaust memory); expected the config.json saved with these weights"
-            )
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _registrations(OBJECTS_PER_TENSOR * tensors + OBJECTS_ALLOWANCE) as counted:
             shapes = cls(config_object)
+    except _TooMany as error:
+        raise DeadNeuronError(
+            f"{file} describes a model of more than {counted.limit:,} modules, parameters and buffers, but its "
+            f"weights hold {tensors:,} tensors; refused (building it would exhaust memory); expected the "
+            "config.json saved with these weights"
+        ) from error
     except Exception:  # the real build below says what is wrong with the config
         return
     needed = sum(t.numel() * t.element_size() for t in (*shapes.parameters(), *shapes.buffers()))
