@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -556,13 +557,18 @@ def run_child(argv: list[str], timeout: float = 300, path: Path | None = None) -
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3")}
     if path is not None:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(path), env.get("PYTHONPATH", "")) if p)
+    # a session of its own: on a timeout the whole group goes, the probe and the `deadneuron` it started (killing
+    # the probe alone left a hung load running for an hour)
+    child = subprocess.Popen([sys.executable, "-c", probe, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env, start_new_session=True)
     try:
-        result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True,
-                                timeout=timeout, env=env)
+        stdout, stderr = child.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
         return -1, [f"still running after {timeout:.0f} s: stopped"], 0
-    code, rss_kib = result.stdout.split()[-2:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    code, rss_kib = stdout.split()[-2:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
     return int(code), lines, int(rss_kib) // 1024
 
 
