@@ -93,7 +93,7 @@ def _finetuned(
     stream = training_batches(run, data, labels, options, tune.steps)
     first = next(stream)
     # a model that computes its own loss from labels (transformers) trains on it, as its scans take it
-    loss: ResolvedLoss = resolve_loss(options.loss, True, run.integer(first.y), run.own_loss(first))
+    loss: ResolvedLoss = resolve_loss(options.loss, True, run.class_labels(first.y), run.own_loss(first))
     return backend.train(model, chain([first], stream), loss=loss, lr=tune.lr, seed=options.seed)
 
 

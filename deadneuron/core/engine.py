@@ -62,8 +62,9 @@ class Run(Protocol):
     def place(self, batch: Batch) -> Iterator[Batch]:
         """`batch` on the model's device and dtype (one batch, or several when a static batch size cuts it)."""
 
-    def integer(self, y: Any) -> bool:
-        """Whether labels are class indices (integers) rather than regression targets."""
+    def class_labels(self, y: Any) -> bool:
+        """Whether labels name classes (integer indices, or one-hot float rows: `core.plan.is_one_hot`) rather than
+        regression targets."""
 
     def own_loss(self, batch: Batch) -> bool:
         """Whether the model computes its own loss from the batch's labels (a transformers model given keyword
@@ -142,7 +143,7 @@ def scan(
         "none"
         if not options.gradients
         else resolve_loss(
-            options.loss, labelled, labelled and run.integer(first.y), labelled and run.own_loss(first)
+            options.loss, labelled, labelled and run.class_labels(first.y), labelled and run.own_loss(first)
         )
     )
     with run.watch(options, loss, first) as watch:

@@ -122,13 +122,13 @@ def split_options(options: CompareKeywords) -> tuple[ScanOptions, SwapOptions]:
     return scan_options(**scanning), SwapOptions.make(**swapping)  # type: ignore[arg-type]
 
 
-def resolve_loss(loss: str, labelled: bool, integer_labels: bool, own_loss: bool = False) -> ResolvedLoss:
-    """The loss a scan takes its gradient from, decided once from the first batch's labels (`own_loss`: the model
-    computes its own loss from them)."""
+def resolve_loss(loss: str, labelled: bool, class_labels: bool, own_loss: bool = False) -> ResolvedLoss:
+    """The loss a scan takes its gradient from, decided once from the first batch's labels (`class_labels`: integer
+    indices or one-hot rows; `own_loss`: the model computes its own loss from them)."""
     if loss == "auto":
         if own_loss:
             return "model"
-        return ("ce" if integer_labels else "mse") if labelled else "probe"
+        return ("ce" if class_labels else "mse") if labelled else "probe"
     if loss == "model" and not own_loss:
         raise DeadNeuronError(
             "loss='model' takes the loss the model computes from its labels; expected a model that takes labels= "

@@ -194,3 +194,11 @@ def check_labelled(batch: Batch, labelled: bool) -> None:
     """Labels on every batch or on none: the loss was resolved from the first batch."""
     if (batch.y is not None) != labelled:
         raise DeadNeuronError("some batches carry labels and some do not; expected labels on every batch or on none")
+
+
+def is_one_hot(y: np.ndarray) -> bool:
+    """Float labels that are one-hot rows over their last axis (every value 0 or 1, one 1 per row), as
+    `keras.utils.to_categorical` makes them: class labels, for which `loss="auto"` takes cross-entropy, not MSE."""
+    if y.ndim < 2 or y.shape[-1] < 2 or y.size == 0 or not np.issubdtype(y.dtype, np.floating):
+        return False
+    return bool(np.isin(y, (0.0, 1.0)).all() and (y.sum(axis=-1) == 1).all())

@@ -6,11 +6,12 @@ under a gradient tape, the loss, dL/d(pre-activation) for every site at once, an
 Keras variables (`accumulate.py`). On TensorFlow the step is a `tf.function`; on the torch backend it runs eagerly
 with `torch.autograd.grad`. The JAX backend is refused. The wrappers are removed in `finally`.
 
-Loss rules (design.md): with labels, cross-entropy on logits for integer labels and MSE for float targets; without,
-the random-cotangent probe L = sum_n <v_n, f(x_n)> with v ~ N(0, I) drawn from `seed`. Losses are sums over samples,
-so a sample's gradient does not depend on the batch size. When a Sequential or Functional model ends in a softmax or
-sigmoid, its input is captured during the scan and the cross-entropy is taken on those logits (probabilities clipped
-by a loss would zero the gradient of confident samples); for a subclassed model the output is taken as the logits.
+Loss rules (design.md): with labels, cross-entropy on logits for class labels (integers or one-hot rows) and MSE for
+other float targets; without, the random-cotangent probe L = sum_n <v_n, f(x_n)> with v ~ N(0, I) drawn from `seed`.
+Losses are sums over samples, so a sample's gradient does not depend on the batch size. When a Sequential or
+Functional model ends in a softmax or sigmoid, its input is captured during the scan and the cross-entropy is taken
+on those logits (probabilities clipped by a loss would zero the gradient of confident samples); for a subclassed
+model the output is taken as the logits.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from keras import ops
 
 from ..core.engine import Backend
 from ..core.options import ResolvedLoss, ScanOptions
-from ..core.plan import Batch, Shape
+from ..core.plan import Batch, Shape, is_one_hot
 from ..core.stats import SiteStats
 from ..errors import DeadNeuronError
 from ..report import SiteInfo
@@ -353,8 +354,8 @@ class KerasRun:
     def sample_shapes(self, input_shape: Shape | None) -> list[Shape] | None:
         return sample_shapes(self.model, input_shape)
 
-    def integer(self, y: Any) -> bool:
-        return is_integer(y)
+    def class_labels(self, y: Any) -> bool:
+        return is_integer(y) or is_one_hot(np.asarray(ops.convert_to_numpy(y)))  # once per scan
 
     def own_loss(self, batch: Batch) -> bool:
         return False  # Keras models take no labels in their call

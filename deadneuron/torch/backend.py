@@ -28,7 +28,7 @@ from torch import nn
 
 from ..core.engine import Backend
 from ..core.options import ResolvedLoss, ScanOptions
-from ..core.plan import PLAIN, Batch, Shape, Source, leading
+from ..core.plan import PLAIN, Batch, Shape, Source, is_one_hot, leading
 from ..core.stats import SiteStats
 from ..errors import DeadNeuronError
 from ..report import SiteInfo
@@ -96,8 +96,8 @@ class TorchRun:
             shape = (RANDOM_TOKENS,)
         return None if shape is None else [shape]
 
-    def integer(self, y: Any) -> bool:
-        return not y.is_floating_point()
+    def class_labels(self, y: Any) -> bool:
+        return not y.is_floating_point() or is_one_hot(y.detach().cpu().numpy())  # once per scan
 
     def own_loss(self, batch: Batch) -> bool:
         return isinstance(batch.x, dict) and batch.y is not None and _takes_labels(self.module)

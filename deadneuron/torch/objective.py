@@ -79,6 +79,9 @@ def task_loss(
         raise DeadNeuronError(f"--loss {kind} needs labels on every batch; a batch came without labels")
     main, y = outputs[0][:valid], y[:valid]
     if kind == "ce":
+        if y.is_floating_point() and main.ndim == 2 and tuple(y.shape) == tuple(main.shape):
+            # one-hot (or soft) targets over the classes: the same loss as their class indices when one-hot
+            return F.cross_entropy(main, y.to(main.dtype), reduction="sum")
         if main.ndim < 2 or tuple(y.shape) != (main.shape[0], *main.shape[2:]):
             raise DeadNeuronError(
                 f"cross-entropy needs logits (N, C, ...) and class labels (N, ...); received outputs "
