@@ -21,6 +21,19 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
     )
 
 
+def run_cli_without(module: str, *args: str, timeout: float = 300):
+    """`run_cli` in a fresh process where `import module` fails, as on a machine without that package."""
+    code = (
+        f"import sys; sys.modules[{module!r}] = None\n"
+        "from deadneuron.cli import main\n"
+        f"sys.exit(main({list(args)!r}))\n"
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout
+    )
+
+
 def last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""

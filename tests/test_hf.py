@@ -20,7 +20,7 @@ from deadneuron import DeadNeuronError  # noqa: E402
 from deadneuron.torch.hf import load_pretrained  # noqa: E402
 
 from . import hf_zoo as zoo  # noqa: E402
-from .conftest import ROOT, last_line, run_cli  # noqa: E402
+from .conftest import ROOT, last_line, run_cli, run_cli_without  # noqa: E402
 
 STATES = zoo.STATES
 
@@ -279,12 +279,7 @@ def test_cli_user_errors_exit_2_with_one_line(gpt2_dir, tmp_path):
 
 @pytest.mark.slow
 def test_cli_without_transformers_exits_2_naming_the_extra(gpt2_dir):
-    code = (
-        "import sys; sys.modules['transformers'] = None\n"
-        "from deadneuron.cli import main\n"
-        f"sys.exit(main(['scan', {str(gpt2_dir)!r}, '--samples', '4']))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    result = run_cli_without("transformers", "scan", str(gpt2_dir), "--samples", "4", timeout=120)
     assert result.returncode == 2, result.stderr
     assert last_line(result.stderr).endswith("pip install 'deadneuron[hf]'")
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -22,7 +22,7 @@ from deadneuron.torch.pt2 import load  # noqa: E402
 
 from . import hf_zoo as zoo  # noqa: E402
 from . import safety_corpus as corpus  # noqa: E402
-from .conftest import ROOT, last_line, run_cli  # noqa: E402
+from .conftest import ROOT, last_line, run_cli, run_cli_without  # noqa: E402
 
 STATES = zoo.STATES
 
@@ -232,12 +232,7 @@ def test_names_outside_transformers_model_outputs_are_refused_before_any_import(
 @pytest.mark.slow
 def test_without_transformers_the_cli_names_the_class_and_the_extra(exported):
     family, _, path, _ = exported
-    code = (
-        "import sys; sys.modules['transformers'] = None\n"
-        "from deadneuron.cli import main\n"
-        f"sys.exit(main(['scan', {str(path)!r}, '--samples', '4']))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    result = run_cli_without("transformers", "scan", str(path), "--samples", "4")
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     name = {"opt": "CausalLMOutputWithPast", "bert": "SequenceClassifierOutput"}[family]

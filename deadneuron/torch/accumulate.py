@@ -33,15 +33,6 @@ def unit_view(t: torch.Tensor, axis: int) -> tuple[torch.Tensor, int]:
     return moved.reshape(n, -1, units), 1
 
 
-def _per_sample_inf_norm(view: torch.Tensor, dim: int, nonnegative: bool) -> torch.Tensor:
-    """max |a| per (sample, unit); NaN and Inf propagate (amax, amin and maximum all pass them on), which is how
-    non-finite units are found. Not `linalg.vector_norm(ord=inf)`: on CPU it reduced a strided axis 10-25x slower
-    than amax and amin together (a BERT FFN's (32, 64, 1024): 5.9 ms against 0.48 ms; docs/benchmarks.md)."""
-    if nonnegative:
-        return view.amax(dim)
-    return torch.maximum(view.amax(dim), view.amin(dim).neg_())
-
-
 class Scratch:
     """One reusable buffer for the elementwise temporaries of the hooks, shared by every site of a scan.
 
@@ -140,7 +131,12 @@ class SiteAccumulator:
         self._check(a)
         view, dim = unit_view(a.detach(), self.info.unit_axis)
         positions = view.shape[dim]
-        peak = _per_sample_inf_norm(view, dim, self.nonnegative)[:valid]  # NaN/Inf mark non-finite units
+        # max |a| per (sample, unit) from max a (kept: sign-preserving kinds read `positive` from it) and, for a
+        # sign-changing kind, min a. NaN and Inf propagate through amax, amin and maximum, which is how non-finite
+        # units are found. Not `linalg.vector_norm(ord=inf)`: on CPU it reduced a strided axis 10-25x slower than
+        # amax and amin together (a BERT FFN's (32, 64, 1024): 5.9 ms against 0.48 ms; docs/benchmarks.md).
+        top = view.amax(dim)[:valid]
+        peak = top if self.nonnegative else torch.maximum(top, view.amin(dim)[:valid].neg_())
         # A 0/1 float map summed over positions: faster than count_nonzero or a bool sum on CPU, exact below
         # 2**24 positions; written into the shared scratch buffer when there is one.
         ones = self.scratch.like(view) if self.scratch is not None else torch.empty_like(view)
@@ -162,8 +158,7 @@ class SiteAccumulator:
             if self.nonnegative and self.atol == 0.0:
                 f["positive"] += fired  # relu, relu6: the output is > 0 exactly where the input is
             else:
-                high = peak if self.nonnegative else view.amax(dim)[:valid]
-                f["positive"] += (high > 0).sum(0)
+                f["positive"] += (top > 0).sum(0)
         f["nonfinite"] += nonfinite.sum(0)
         wide = f["max_abs"].dtype
         torch.maximum(f["max_abs"], peak.masked_fill(nonfinite, 0).amax(0).to(wide), out=f["max_abs"])
